@@ -1,0 +1,7 @@
+//! The control plane's actors: `ProviderRouter` supervising one provider actor per configured
+//! provider, one `RunActor` per run, one `SandboxConnection` per shim WebSocket; and the seams they
+//! stand on (`Provider`, `RunStore`, `ToolHost`).
+
+pub mod model;
+pub mod provider;
+pub mod tools;

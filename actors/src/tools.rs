@@ -1,0 +1,45 @@
+//! The seam through which run actors execute tool calls; the control plane implements it.
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::model::RunId;
+
+/// Error codes agents see (SPEC §7a).
+pub mod codes {
+    pub const NOT_FOUND: &str = "not_found";
+    pub const OUTSIDE_WORKSPACE: &str = "outside_workspace";
+    pub const INVALID_ARGS: &str = "invalid_args";
+    pub const UNKNOWN_TOOL: &str = "unknown_tool";
+    pub const TIMEOUT: &str = "timeout";
+    pub const IO_ERROR: &str = "io_error";
+    pub const TOO_LARGE: &str = "too_large";
+    pub const RETRYABLE: &str = "retryable";
+}
+
+/// A tool call's failure, as returned to the agent.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ToolFailure {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ToolFailure {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        ToolFailure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Executes tools for a run against the project workspace.
+#[async_trait]
+pub trait ToolHost: Send + Sync + 'static {
+    /// Runs one tool call. Must not block the calling thread (use `spawn_blocking` for file I/O).
+    async fn call(&self, run_id: RunId, tool: &str, args: Value) -> Result<Value, ToolFailure>;
+
+    /// Names of the tools this host serves.
+    fn tools(&self) -> Vec<&'static str>;
+}

@@ -1,0 +1,1 @@
+//! Agent bundles: the agent directory packed as a gzip-compressed tar.

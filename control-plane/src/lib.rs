@@ -1,0 +1,5 @@
+//! The `codebolt` control plane: configuration, tools, the HTTP API server and the CLI client.
+
+pub mod bundle;
+pub mod config;
+pub mod tools;

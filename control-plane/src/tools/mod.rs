@@ -1,0 +1,1 @@
+//! Tools executed against the project workspace.
