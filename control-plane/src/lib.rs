@@ -3,3 +3,4 @@
 pub mod bundle;
 pub mod config;
 pub mod tools;
+pub mod server;
