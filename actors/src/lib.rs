@@ -4,4 +4,6 @@
 
 pub mod model;
 pub mod provider;
+pub mod store;
+pub mod token;
 pub mod tools;

@@ -1,0 +1,532 @@
+//! Single-node run store kept in process memory.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use chrono::Utc;
+use futures_util::stream::{self, StreamExt};
+use tokio::sync::broadcast;
+
+use super::{
+    CreateOutcome, EventStream, LogLineStream, RunFilter, RunPage, RunStore, StoreError,
+    TokenRecord,
+};
+use crate::model::{EventKind, LogLine, LogSource, RunEvent, RunId, RunRecord};
+
+/// Capacity of the live channel of one journal; a follower that falls further behind re-reads
+/// the history it missed.
+const LIVE_CAPACITY: usize = 1024;
+
+/// Entries of a journal know their position.
+trait Indexed: Clone + Send + 'static {
+    fn index(&self) -> u64;
+}
+
+impl Indexed for RunEvent {
+    fn index(&self) -> u64 {
+        self.index
+    }
+}
+
+impl Indexed for LogLine {
+    fn index(&self) -> u64 {
+        self.index
+    }
+}
+
+/// An append-only list with live followers.
+struct Journal<T> {
+    entries: Vec<T>,
+    live: broadcast::Sender<T>,
+    closed: bool,
+}
+
+impl<T: Indexed> Journal<T> {
+    fn new() -> Self {
+        Journal {
+            entries: Vec::new(),
+            live: broadcast::channel(LIVE_CAPACITY).0,
+            closed: false,
+        }
+    }
+
+    fn next_index(&self) -> u64 {
+        self.entries.len() as u64 + 1
+    }
+
+    fn push(&mut self, entry: T) {
+        self.entries.push(entry.clone());
+        // No follower listening is not an error.
+        if self.live.receiver_count() > 0 && self.live.send(entry).is_err() {
+            tracing::trace!("journal follower went away");
+        }
+    }
+
+    fn after(&self, after: u64) -> Vec<T> {
+        self.entries
+            .iter()
+            .skip(after as usize)
+            .cloned()
+            .collect()
+    }
+}
+
+#[derive(Default)]
+struct RunSlot {
+    record: Option<RunRecord>,
+    events: Option<Journal<RunEvent>>,
+    agent_logs: Option<Journal<LogLine>>,
+    provider_logs: Option<Journal<LogLine>>,
+}
+
+impl RunSlot {
+    fn events(&mut self) -> &mut Journal<RunEvent> {
+        self.events.get_or_insert_with(Journal::new)
+    }
+
+    fn logs(&mut self, source: LogSource) -> &mut Journal<LogLine> {
+        match source {
+            LogSource::Agent => self.agent_logs.get_or_insert_with(Journal::new),
+            LogSource::Provider => self.provider_logs.get_or_insert_with(Journal::new),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    runs: HashMap<RunId, RunSlot>,
+    /// Run ids, oldest first.
+    order: Vec<RunId>,
+    idempotency: HashMap<String, RunId>,
+    tokens: HashMap<String, TokenRecord>,
+}
+
+#[derive(Clone, Default)]
+pub struct MemoryStore {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock leaves plain data behind; keep serving it.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// History after `after`, then live entries until `is_end` says so (or the journal closes).
+fn follow_journal<T: Indexed>(
+    history: Vec<T>,
+    live: Option<broadcast::Receiver<T>>,
+    after: u64,
+    refill: impl Fn(u64) -> Vec<T> + Send + Sync + 'static,
+    is_end: impl Fn(&T) -> bool + Send + Sync + 'static,
+) -> impl futures_util::Stream<Item = T> + Send {
+    struct Follow<T, R, E> {
+        rx: broadcast::Receiver<T>,
+        last: u64,
+        pending: VecDeque<T>,
+        /// Stop once `pending` is drained.
+        finishing: bool,
+        refill: R,
+        is_end: E,
+    }
+    let ended_in_history = history.iter().any(&is_end);
+    let last = history.last().map_or(after, Indexed::index);
+    let live_part = match live {
+        Some(rx) if !ended_in_history => {
+            let state = Follow {
+                rx,
+                last,
+                pending: VecDeque::new(),
+                finishing: false,
+                refill,
+                is_end,
+            };
+            stream::unfold(state, |mut st| async move {
+                loop {
+                    if let Some(entry) = st.pending.pop_front() {
+                        if entry.index() <= st.last {
+                            continue;
+                        }
+                        st.last = entry.index();
+                        if (st.is_end)(&entry) {
+                            st.finishing = true;
+                            st.pending.clear();
+                        }
+                        return Some((entry, st));
+                    }
+                    if st.finishing {
+                        return None;
+                    }
+                    match st.rx.recv().await {
+                        Ok(entry) => st.pending.push_back(entry),
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            st.pending = (st.refill)(st.last).into();
+                        }
+                        Err(broadcast::error::RecvError::Closed) => {
+                            st.pending = (st.refill)(st.last).into();
+                            st.finishing = true;
+                        }
+                    }
+                }
+            })
+            .boxed()
+        }
+        _ => stream::empty().boxed(),
+    };
+    stream::iter(history).chain(live_part)
+}
+
+#[async_trait]
+impl RunStore for MemoryStore {
+    async fn create_run(
+        &self,
+        record: &RunRecord,
+        idempotency_key: Option<&str>,
+    ) -> Result<CreateOutcome, StoreError> {
+        let mut inner = self.lock();
+        if let Some(key) = idempotency_key {
+            if let Some(existing) = inner.idempotency.get(key).copied() {
+                let existing = inner
+                    .runs
+                    .get(&existing)
+                    .and_then(|slot| slot.record.clone())
+                    .ok_or(StoreError::RunNotFound { run_id: existing })?;
+                return Ok(CreateOutcome::Existing(Box::new(existing)));
+            }
+        }
+        if let Some(existing) = inner.runs.get(&record.id).and_then(|s| s.record.clone()) {
+            return Ok(CreateOutcome::Existing(Box::new(existing)));
+        }
+        if let Some(key) = idempotency_key {
+            inner.idempotency.insert(key.to_string(), record.id);
+        }
+        inner.order.push(record.id);
+        inner.runs.entry(record.id).or_default().record = Some(record.clone());
+        Ok(CreateOutcome::Created)
+    }
+
+    async fn put_run(&self, record: &RunRecord) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let slot = inner
+            .runs
+            .get_mut(&record.id)
+            .ok_or(StoreError::RunNotFound { run_id: record.id })?;
+        slot.record = Some(record.clone());
+        Ok(())
+    }
+
+    async fn get_run(&self, id: RunId) -> Result<Option<RunRecord>, StoreError> {
+        Ok(self.lock().runs.get(&id).and_then(|s| s.record.clone()))
+    }
+
+    async fn list_runs(
+        &self,
+        filter: &RunFilter,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<RunPage, StoreError> {
+        let inner = self.lock();
+        // The cursor is the position (in creation order) to continue below.
+        let start = match cursor {
+            None => inner.order.len(),
+            Some(c) => c
+                .parse::<usize>()
+                .ok()
+                .filter(|p| *p <= inner.order.len())
+                .ok_or_else(|| StoreError::BadCursor {
+                    cursor: c.to_string(),
+                })?,
+        };
+        let mut runs = Vec::new();
+        let mut pos = start;
+        while pos > 0 && runs.len() < limit {
+            pos -= 1;
+            let record = inner.runs.get(&inner.order[pos]).and_then(|s| s.record.as_ref());
+            if let Some(record) = record.filter(|r| filter.matches(r)) {
+                runs.push(record.clone());
+            }
+        }
+        let next_cursor = (pos > 0 && runs.len() == limit).then(|| pos.to_string());
+        Ok(RunPage { runs, next_cursor })
+    }
+
+    async fn append_event(&self, id: RunId, kind: EventKind) -> Result<RunEvent, StoreError> {
+        let mut inner = self.lock();
+        let slot = inner
+            .runs
+            .get_mut(&id)
+            .ok_or(StoreError::RunNotFound { run_id: id })?;
+        let journal = slot.events();
+        let event = RunEvent {
+            index: journal.next_index(),
+            at: Utc::now(),
+            kind,
+        };
+        journal.push(event.clone());
+        Ok(event)
+    }
+
+    async fn events(&self, id: RunId, after: u64, follow: bool) -> Result<EventStream, StoreError> {
+        let (history, live) = {
+            let mut inner = self.lock();
+            let slot = inner
+                .runs
+                .get_mut(&id)
+                .ok_or(StoreError::RunNotFound { run_id: id })?;
+            let journal = slot.events();
+            let live = follow.then(|| journal.live.subscribe());
+            (journal.after(after), live)
+        };
+        let store = self.clone();
+        let refill = move |after: u64| {
+            let mut inner = store.lock();
+            inner
+                .runs
+                .get_mut(&id)
+                .map(|slot| slot.events().after(after))
+                .unwrap_or_default()
+        };
+        let stream = follow_journal(history, live, after, refill, |e: &RunEvent| {
+            e.kind.is_final()
+        });
+        Ok(stream.map(Ok).boxed())
+    }
+
+    async fn append_logs(
+        &self,
+        id: RunId,
+        source: LogSource,
+        lines: Vec<(String, String)>,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let slot = inner
+            .runs
+            .get_mut(&id)
+            .ok_or(StoreError::RunNotFound { run_id: id })?;
+        let journal = slot.logs(source);
+        let at = Utc::now();
+        for (stream, line) in lines {
+            let entry = LogLine {
+                index: journal.next_index(),
+                at,
+                stream,
+                line,
+            };
+            journal.push(entry);
+        }
+        Ok(())
+    }
+
+    async fn logs(
+        &self,
+        id: RunId,
+        source: LogSource,
+        after: u64,
+        follow: bool,
+    ) -> Result<LogLineStream, StoreError> {
+        let (history, live) = {
+            let mut inner = self.lock();
+            let slot = inner
+                .runs
+                .get_mut(&id)
+                .ok_or(StoreError::RunNotFound { run_id: id })?;
+            let journal = slot.logs(source);
+            let live = (follow && !journal.closed).then(|| journal.live.subscribe());
+            (journal.after(after), live)
+        };
+        let store = self.clone();
+        let refill = move |after: u64| {
+            let mut inner = store.lock();
+            inner
+                .runs
+                .get_mut(&id)
+                .map(|slot| slot.logs(source).after(after))
+                .unwrap_or_default()
+        };
+        let stream = follow_journal(history, live, after, refill, |_: &LogLine| false);
+        Ok(stream.map(Ok).boxed())
+    }
+
+    async fn close_logs(&self, id: RunId) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let slot = inner
+            .runs
+            .get_mut(&id)
+            .ok_or(StoreError::RunNotFound { run_id: id })?;
+        for source in [LogSource::Agent, LogSource::Provider] {
+            let journal = slot.logs(source);
+            journal.closed = true;
+            // Dropping the sender ends live followers once they drain.
+            journal.live = broadcast::channel(1).0;
+        }
+        Ok(())
+    }
+
+    async fn put_token(&self, token_hash: &str, record: &TokenRecord) -> Result<(), StoreError> {
+        self.lock()
+            .tokens
+            .insert(token_hash.to_string(), record.clone());
+        Ok(())
+    }
+
+    async fn get_token(&self, token_hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        Ok(self.lock().tokens.get(token_hash).cloned())
+    }
+
+    async fn revoke_tokens(&self, id: RunId) -> Result<(), StoreError> {
+        for record in self.lock().tokens.values_mut() {
+            if record.run_id == id {
+                record.revoked = true;
+            }
+        }
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Resources, RunState, Usage};
+    use std::collections::BTreeMap;
+    use uuid::Uuid;
+
+    fn record(agent: &str) -> RunRecord {
+        RunRecord {
+            id: Uuid::new_v4(),
+            agent: agent.into(),
+            task: "t".into(),
+            provider: "local".into(),
+            state: RunState::Pending,
+            remote_host: None,
+            sandbox_id: None,
+            created_at: Utc::now(),
+            state_times: BTreeMap::new(),
+            exit_code: None,
+            failure: None,
+            termination: None,
+            resources: Resources::default(),
+            usage: Usage::default(),
+            cost_estimate: None,
+            trace_id: String::new(),
+            owner: "test".into(),
+            timeout_s: None,
+            result: None,
+            evidence: None,
+            env_names: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn idempotency_key_returns_the_first_run() {
+        let store = MemoryStore::new();
+        let first = record("a");
+        assert_eq!(
+            store.create_run(&first, Some("k1")).await.unwrap(),
+            CreateOutcome::Created
+        );
+        let second = record("a");
+        match store.create_run(&second, Some("k1")).await.unwrap() {
+            CreateOutcome::Existing(r) => assert_eq!(r.id, first.id),
+            other => panic!("expected existing, got {other:?}"),
+        }
+        assert!(store.get_run(second.id).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn list_pages_newest_first_with_filters() {
+        let store = MemoryStore::new();
+        let mut ids = vec![];
+        for i in 0..5 {
+            let r = record(if i % 2 == 0 { "even" } else { "odd" });
+            ids.push(r.id);
+            store.create_run(&r, None).await.unwrap();
+        }
+        let page = store.list_runs(&RunFilter::default(), 2, None).await.unwrap();
+        assert_eq!(page.runs.iter().map(|r| r.id).collect::<Vec<_>>(), vec![ids[4], ids[3]]);
+        let next = store
+            .list_runs(&RunFilter::default(), 2, page.next_cursor.as_deref())
+            .await
+            .unwrap();
+        assert_eq!(next.runs.iter().map(|r| r.id).collect::<Vec<_>>(), vec![ids[2], ids[1]]);
+        let even = RunFilter {
+            agent: Some("even".into()),
+            ..Default::default()
+        };
+        let page = store.list_runs(&even, 10, None).await.unwrap();
+        assert_eq!(page.runs.len(), 3);
+        assert!(page.next_cursor.is_none());
+        assert!(matches!(
+            store.list_runs(&even, 10, Some("zz")).await,
+            Err(StoreError::BadCursor { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn events_replay_history_then_follow_until_final() {
+        let store = MemoryStore::new();
+        let r = record("a");
+        store.create_run(&r, None).await.unwrap();
+        store
+            .append_event(r.id, EventKind::AgentMessage { text: "one".into() })
+            .await
+            .unwrap();
+        let mut follow = store.events(r.id, 0, true).await.unwrap();
+        let first = follow.next().await.unwrap().unwrap();
+        assert_eq!(first.index, 1);
+        store
+            .append_event(r.id, EventKind::AgentMessage { text: "two".into() })
+            .await
+            .unwrap();
+        store
+            .append_event(
+                r.id,
+                EventKind::StateChanged {
+                    from: RunState::Running,
+                    to: RunState::Succeeded,
+                    failure: None,
+                },
+            )
+            .await
+            .unwrap();
+        let rest: Vec<_> = follow.map(|e| e.unwrap().index).collect().await;
+        assert_eq!(rest, vec![2, 3]);
+        // After the end, a follower gets the history and stops.
+        let again: Vec<_> = store
+            .events(r.id, 1, true)
+            .await
+            .unwrap()
+            .map(|e| e.unwrap().index)
+            .collect()
+            .await;
+        assert_eq!(again, vec![2, 3]);
+    }
+
+    #[tokio::test]
+    async fn log_followers_end_when_logs_close() {
+        let store = MemoryStore::new();
+        let r = record("a");
+        store.create_run(&r, None).await.unwrap();
+        store
+            .append_logs(r.id, LogSource::Agent, vec![("stdout".into(), "a".into())])
+            .await
+            .unwrap();
+        let follow = store.logs(r.id, LogSource::Agent, 0, true).await.unwrap();
+        store
+            .append_logs(r.id, LogSource::Agent, vec![("stderr".into(), "b".into())])
+            .await
+            .unwrap();
+        store.close_logs(r.id).await.unwrap();
+        let lines: Vec<_> = follow.map(|l| l.unwrap().line).collect().await;
+        assert_eq!(lines, vec!["a", "b"]);
+    }
+}
