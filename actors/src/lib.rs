@@ -4,6 +4,7 @@
 
 pub mod model;
 pub mod provider;
+pub mod run;
 pub mod store;
 pub mod token;
 pub mod tools;

@@ -11,7 +11,9 @@ use uuid::Uuid;
 pub type RunId = Uuid;
 
 /// Lifecycle state of a run (SPEC §5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum RunState {
     Pending,

@@ -116,7 +116,8 @@ pub trait Provider: Send + Sync + 'static {
     async fn kill(&self, sandbox: &SandboxHandle) -> Result<(), ProviderError>;
 
     /// The sandbox's own output; with `follow`, the stream continues until the sandbox ends.
-    async fn logs(&self, sandbox: &SandboxHandle, follow: bool) -> Result<LogStream, ProviderError>;
+    async fn logs(&self, sandbox: &SandboxHandle, follow: bool)
+        -> Result<LogStream, ProviderError>;
 
     /// Latest resource usage, if the provider can read it.
     async fn usage(&self, sandbox: &SandboxHandle) -> Result<Option<Usage>, ProviderError>;

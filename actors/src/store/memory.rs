@@ -64,11 +64,7 @@ impl<T: Indexed> Journal<T> {
     }
 
     fn after(&self, after: u64) -> Vec<T> {
-        self.entries
-            .iter()
-            .skip(after as usize)
-            .cloned()
-            .collect()
+        self.entries.iter().skip(after as usize).cloned().collect()
     }
 }
 
@@ -114,7 +110,9 @@ impl MemoryStore {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding this lock leaves plain data behind; keep serving it.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -247,7 +245,10 @@ impl RunStore for MemoryStore {
         let mut pos = start;
         while pos > 0 && runs.len() < limit {
             pos -= 1;
-            let record = inner.runs.get(&inner.order[pos]).and_then(|s| s.record.as_ref());
+            let record = inner
+                .runs
+                .get(&inner.order[pos])
+                .and_then(|s| s.record.as_ref());
             if let Some(record) = record.filter(|r| filter.matches(r)) {
                 runs.push(record.clone());
             }
@@ -451,13 +452,22 @@ mod tests {
             ids.push(r.id);
             store.create_run(&r, None).await.unwrap();
         }
-        let page = store.list_runs(&RunFilter::default(), 2, None).await.unwrap();
-        assert_eq!(page.runs.iter().map(|r| r.id).collect::<Vec<_>>(), vec![ids[4], ids[3]]);
+        let page = store
+            .list_runs(&RunFilter::default(), 2, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            page.runs.iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![ids[4], ids[3]]
+        );
         let next = store
             .list_runs(&RunFilter::default(), 2, page.next_cursor.as_deref())
             .await
             .unwrap();
-        assert_eq!(next.runs.iter().map(|r| r.id).collect::<Vec<_>>(), vec![ids[2], ids[1]]);
+        assert_eq!(
+            next.runs.iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![ids[2], ids[1]]
+        );
         let even = RunFilter {
             agent: Some("even".into()),
             ..Default::default()

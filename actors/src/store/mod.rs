@@ -43,7 +43,10 @@ impl RunFilter {
     pub fn matches(&self, record: &RunRecord) -> bool {
         self.state.is_none_or(|s| record.state == s)
             && self.agent.as_deref().is_none_or(|a| record.agent == a)
-            && self.provider.as_deref().is_none_or(|p| record.provider == p)
+            && self
+                .provider
+                .as_deref()
+                .is_none_or(|p| record.provider == p)
     }
 }
 
@@ -112,11 +115,7 @@ pub trait RunStore: Send + Sync + 'static {
     /// Marks a run's logs complete, ending followers.
     async fn close_logs(&self, id: RunId) -> Result<(), StoreError>;
 
-    async fn put_token(
-        &self,
-        token_hash: &str,
-        record: &TokenRecord,
-    ) -> Result<(), StoreError>;
+    async fn put_token(&self, token_hash: &str, record: &TokenRecord) -> Result<(), StoreError>;
 
     async fn get_token(&self, token_hash: &str) -> Result<Option<TokenRecord>, StoreError>;
 
