@@ -4,7 +4,9 @@
 
 pub mod model;
 pub mod provider;
+pub mod router;
 pub mod run;
+pub mod sandbox_connection;
 pub mod store;
 pub mod token;
 pub mod tools;

@@ -335,6 +335,10 @@ pub enum EventKind {
     StopRequested {
         grace_s: u64,
     },
+    /// The shim forwarded SIGTERM to the agent.
+    StopForwarded {
+        grace_s: u64,
+    },
     KillRequested {
         reason: String,
     },

@@ -1,8 +1,8 @@
 //! Execution providers: the `Provider` trait every backend implements, the provider actor that
 //! wraps one, and the backends.
 
-// pub mod actor;
-// pub mod local;
+pub mod actor;
+pub mod local;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;

@@ -1,1 +1,5 @@
+pub mod actor;
+pub mod messages;
 pub mod state;
+
+pub use actor::{RunActor, RunDeps, RunRegistry, RunSettings, RunSpec, RunTimeouts};

@@ -1,0 +1,1019 @@
+//! `RunActor`: one per run. Feeds what happens to the pure lifecycle in `state.rs` and carries out
+//! the actions it returns: provider calls, timers, frames to the shim, writes to the store.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use agent_shim::protocol::{
+    AgentEventPayload, BundleInfo, LogStream as ShimLogStream, ServerMessage, ShimMessage,
+    ToolError, PROTOCOL_VERSION,
+};
+use chrono::Utc;
+use futures_util::{FutureExt, StreamExt};
+use serde_json::Value;
+
+use super::messages::{KillRun, ShimFrame, ShimGone, ShimHello, StopRun};
+use super::state::{transition, Action, Input, Limits, Phase, Timer};
+use crate::model::{
+    EventKind, Evidence, Failure, FailureKind, LogSource, RunId, RunRecord, RunState, Usage,
+};
+use crate::provider::{labels, ProviderError, SandboxHandle, SpawnRequest};
+use crate::router::{
+    KillSandbox, ProviderCost, ProviderRouter, SandboxLogs, SpawnSandbox, WaitSandbox,
+};
+use crate::sandbox_connection::messages::ToShim;
+use crate::store::{RunStore, TokenRecord};
+use crate::token::{self, TokenError};
+use crate::tools::{codes, ToolHost};
+
+/// Timeouts of a run (SPEC §5), each with its own terminal reason.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RunTimeouts {
+    /// From creation until the shim connects.
+    pub startup: Duration,
+    pub tool_call: Duration,
+    pub idle: Duration,
+    /// Default absolute time to live when a run does not ask for one.
+    pub run_ttl: Option<Duration>,
+    pub stop_grace: Duration,
+    /// How long a shim may stay disconnected.
+    pub lost_after: Duration,
+    pub heartbeat_interval: Duration,
+    pub token_max_lifetime: Duration,
+}
+
+impl Default for RunTimeouts {
+    fn default() -> Self {
+        RunTimeouts {
+            startup: Duration::from_secs(60),
+            tool_call: Duration::from_secs(60),
+            idle: Duration::from_secs(600),
+            run_ttl: None,
+            stop_grace: Duration::from_secs(10),
+            lost_after: Duration::from_secs(60),
+            heartbeat_interval: Duration::from_secs(5),
+            token_max_lifetime: Duration::from_secs(86_400),
+        }
+    }
+}
+
+/// Settings shared by every run of a replica.
+#[derive(Debug, Clone)]
+pub struct RunSettings {
+    pub timeouts: RunTimeouts,
+    /// Base URL sandboxes call back to.
+    pub callback_url: String,
+    pub cluster_id: String,
+    /// Log lines kept as evidence on a failed run.
+    pub evidence_lines: usize,
+}
+
+/// Live run actors of this replica, by run id.
+#[derive(Clone, Default)]
+pub struct RunRegistry {
+    inner: Arc<Mutex<HashMap<RunId, Addr<RunActor>>>>,
+}
+
+impl RunRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RunId, Addr<RunActor>>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self, id: RunId) -> Option<Addr<RunActor>> {
+        self.lock().get(&id).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    fn insert(&self, id: RunId, addr: Addr<RunActor>) {
+        self.lock().insert(id, addr);
+    }
+
+    fn remove(&self, id: RunId) {
+        self.lock().remove(&id);
+    }
+}
+
+/// What a run actor stands on.
+#[derive(Clone)]
+pub struct RunDeps {
+    pub store: Arc<dyn RunStore>,
+    pub tools: Arc<dyn ToolHost>,
+    pub router: Addr<ProviderRouter>,
+    pub registry: RunRegistry,
+    pub settings: Arc<RunSettings>,
+}
+
+/// What a new run needs besides its record.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    pub record: RunRecord,
+    pub image: Option<String>,
+    pub bundle: BundleInfo,
+    /// Extra environment for the sandbox (agent manifest and request).
+    pub env: BTreeMap<String, String>,
+    /// W3C trace context handed to the sandbox.
+    pub traceparent: String,
+}
+
+/// Writes of one run, carried out in order by the run's writer task.
+enum WriteOp {
+    Events(Vec<EventKind>),
+    Record(Box<RunRecord>),
+    Logs(Vec<(String, String)>),
+    /// Acknowledge a shim frame once everything queued before it is stored.
+    Ack {
+        seq: u64,
+        conn: Recipient<ToShim>,
+    },
+    Kill(KillSandbox),
+    Finish(Box<FinalWrite>),
+}
+
+struct FinalWrite {
+    record: RunRecord,
+    from: RunState,
+    billed_seconds: f64,
+    done: Recipient<Finished>,
+}
+
+/// The writer stored the run's final state; the actor may stop.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Finished(Box<RunRecord>);
+
+/// Capacity of a run's write queue.
+const WRITE_QUEUE: usize = 65_536;
+
+/// Carries out a run's writes in order, off the actor, so slow storage never blocks it.
+async fn writer(
+    id: RunId,
+    mut rx: tokio::sync::mpsc::Receiver<WriteOp>,
+    store: Arc<dyn RunStore>,
+    router: Addr<ProviderRouter>,
+    evidence_lines: usize,
+) {
+    while let Some(op) = rx.recv().await {
+        match op {
+            WriteOp::Events(events) => {
+                for event in events {
+                    if let Err(err) = store.append_event(id, event).await {
+                        tracing::warn!(run_id = %id, error = %err, "could not record run event");
+                    }
+                }
+            }
+            WriteOp::Record(record) => {
+                if let Err(err) = store.put_run(&record).await {
+                    tracing::warn!(run_id = %id, error = %err, "could not store run record");
+                }
+            }
+            WriteOp::Logs(lines) => {
+                if let Err(err) = store.append_logs(id, LogSource::Agent, lines).await {
+                    tracing::warn!(run_id = %id, error = %err, "could not store agent log");
+                }
+            }
+            WriteOp::Ack { seq, conn } => {
+                if let Err(err) = conn.try_send(ToShim::Frame(ServerMessage::Ack { seq })) {
+                    tracing::debug!(run_id = %id, error = %err, "could not queue an ack");
+                }
+            }
+            WriteOp::Kill(kill) => match router.send(kill).await {
+                Ok(Ok(())) => tracing::info!(run_id = %id, "sandbox removed"),
+                Ok(Err(err)) => {
+                    tracing::warn!(run_id = %id, error = %err, "could not remove the sandbox")
+                }
+                Err(err) => {
+                    tracing::warn!(run_id = %id, error = %err, "provider router unavailable")
+                }
+            },
+            WriteOp::Finish(last) => {
+                let FinalWrite {
+                    mut record,
+                    from,
+                    billed_seconds,
+                    done,
+                } = *last;
+                if let Err(err) = store.revoke_tokens(id).await {
+                    tracing::warn!(run_id = %id, error = %err, "could not revoke the run token");
+                }
+                match router.send(ProviderCost(record.provider.clone())).await {
+                    Ok(Some(rates)) => {
+                        record.cost_estimate = rates.estimate(&record.resources, billed_seconds)
+                    }
+                    Ok(None) => {}
+                    Err(err) => tracing::warn!(run_id = %id, error = %err, "no cost rates"),
+                }
+                if record.failure.is_some() {
+                    record.evidence = Some(Evidence {
+                        provider_logs: tail(&*store, id, LogSource::Provider, evidence_lines).await,
+                        agent_logs: tail(&*store, id, LogSource::Agent, evidence_lines).await,
+                    });
+                }
+                if let Err(err) = store.put_run(&record).await {
+                    tracing::warn!(run_id = %id, error = %err, "could not store the final run record");
+                }
+                let event = EventKind::StateChanged {
+                    from,
+                    to: record.state,
+                    failure: record.failure.clone(),
+                };
+                if let Err(err) = store.append_event(id, event).await {
+                    tracing::warn!(run_id = %id, error = %err, "could not record the final event");
+                }
+                if let Err(err) = store.close_logs(id).await {
+                    tracing::warn!(run_id = %id, error = %err, "could not close the run's logs");
+                }
+                if let Err(err) = done.try_send(Finished(Box::new(record))) {
+                    tracing::debug!(run_id = %id, error = %err, "run actor already gone");
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Results kept for re-delivery to a shim that reconnects before it saw them.
+const ANSWERED_CAPACITY: usize = 1024;
+
+struct Connection {
+    id: u64,
+    conn: Recipient<ToShim>,
+}
+
+pub struct RunActor {
+    id: RunId,
+    record: RunRecord,
+    spec: RunSpec,
+    phase: Phase,
+    deps: RunDeps,
+    limits: Limits,
+    timers: HashMap<Timer, SpawnHandle>,
+    writes: tokio::sync::mpsc::Sender<WriteOp>,
+    sandbox: Option<SandboxHandle>,
+    connection: Option<Connection>,
+    /// Highest shim sequence number persisted.
+    last_seq: u64,
+    agent_started: bool,
+    /// Tool calls in flight, with when they started.
+    in_flight: HashMap<String, (String, Instant)>,
+    answered: HashMap<String, ServerMessage>,
+    answered_order: VecDeque<String>,
+    /// Call ids already executed, so a resent call is not executed twice.
+    seen_calls: HashSet<String>,
+}
+
+impl RunActor {
+    /// Starts the actor for a new run and registers it.
+    pub fn launch(spec: RunSpec, deps: RunDeps) -> Addr<RunActor> {
+        let id = spec.record.id;
+        let registry = deps.registry.clone();
+        let ttl = spec
+            .record
+            .timeout_s
+            .map(Duration::from_secs)
+            .or(deps.settings.timeouts.run_ttl);
+        let limits = Limits {
+            has_ttl: ttl.is_some(),
+            timeout_grace_s: deps.settings.timeouts.stop_grace.as_secs(),
+        };
+        let (writes, rx) = tokio::sync::mpsc::channel(WRITE_QUEUE);
+        actix_rt::spawn(writer(
+            id,
+            rx,
+            deps.store.clone(),
+            deps.router.clone(),
+            deps.settings.evidence_lines,
+        ));
+        let actor = RunActor {
+            id,
+            writes,
+            record: spec.record.clone(),
+            spec,
+            phase: Phase::default(),
+            deps,
+            limits,
+            timers: HashMap::new(),
+            sandbox: None,
+            connection: None,
+            last_seq: 0,
+            agent_started: false,
+            in_flight: HashMap::new(),
+            answered: HashMap::new(),
+            answered_order: VecDeque::new(),
+            seen_calls: HashSet::new(),
+        };
+        let addr = actor.start();
+        registry.insert(id, addr.clone());
+        addr
+    }
+
+    fn timeouts(&self) -> RunTimeouts {
+        self.deps.settings.timeouts
+    }
+
+    fn timer_duration(&self, timer: Timer) -> Duration {
+        let t = self.timeouts();
+        match timer {
+            Timer::Startup => t.startup,
+            Timer::Idle => t.idle,
+            Timer::Ttl => self
+                .record
+                .timeout_s
+                .map(Duration::from_secs)
+                .or(t.run_ttl)
+                .unwrap_or(Duration::MAX),
+            Timer::Grace => Duration::from_secs(
+                self.phase
+                    .ending
+                    .map_or(t.stop_grace.as_secs(), |e| e.grace_s()),
+            ),
+            Timer::Reconnect => t.lost_after + t.heartbeat_interval,
+        }
+    }
+
+    /// Runs one input through the lifecycle and carries out the resulting actions.
+    fn apply(&mut self, input: Input, ctx: &mut Context<Self>) {
+        let before = self.phase.state;
+        let outcome = transition(&self.phase, input, self.limits);
+        self.phase = outcome.phase;
+        let after = self.phase.state;
+        if before != after {
+            tracing::info!(run_id = %self.id, from = %before, to = %after, "run state changed");
+            self.record.state = after;
+            self.record.state_times.insert(after, Utc::now());
+            self.record.exit_code = self.phase.exit_code;
+            self.record.failure = self.phase.failure.clone();
+            self.record.termination = self.phase.termination;
+        }
+        let finishing = outcome.actions.contains(&Action::Finish);
+        for action in outcome.actions {
+            match action {
+                Action::Spawn => self.spawn(ctx),
+                Action::Arm(timer) => self.arm(timer, ctx),
+                Action::Cancel(timer) => {
+                    if let Some(handle) = self.timers.remove(&timer) {
+                        ctx.cancel_future(handle);
+                    }
+                }
+                Action::SendStop { grace_s } => self.send(ServerMessage::Stop { grace_s }),
+                Action::KillSandbox => self.kill_sandbox(ctx),
+                Action::Finish => {}
+            }
+        }
+        if finishing {
+            self.finish(before, ctx);
+        } else if before != after {
+            let event = EventKind::StateChanged {
+                from: before,
+                to: after,
+                failure: None,
+            };
+            self.persist(vec![event], ctx);
+        }
+    }
+
+    fn arm(&mut self, timer: Timer, ctx: &mut Context<Self>) {
+        if let Some(old) = self.timers.remove(&timer) {
+            ctx.cancel_future(old);
+        }
+        let duration = self.timer_duration(timer);
+        let handle = ctx.run_later(duration, move |act, ctx| {
+            act.timers.remove(&timer);
+            tracing::info!(run_id = %act.id, ?timer, "run timer fired");
+            act.apply(Input::TimerFired(timer), ctx);
+        });
+        self.timers.insert(timer, handle);
+    }
+
+    /// Queues a write; the run's writer carries writes out in order.
+    fn write(&self, op: WriteOp) {
+        if let Err(err) = self.writes.try_send(op) {
+            tracing::error!(run_id = %self.id, error = %err, "run write queue full or closed");
+            // Unacknowledged frames are resent after a reconnect, so dropping the connection
+            // loses nothing.
+            if let Some(conn) = &self.connection {
+                if let Err(err) = conn.conn.try_send(ToShim::Close {
+                    code: 1013,
+                    reason: "control plane overloaded; reconnect".into(),
+                }) {
+                    tracing::debug!(run_id = %self.id, error = %err, "connection already gone");
+                }
+            }
+        }
+    }
+
+    fn persist(&mut self, events: Vec<EventKind>, _: &mut Context<Self>) {
+        self.write(WriteOp::Events(events));
+        self.write(WriteOp::Record(Box::new(self.record.clone())));
+    }
+
+    fn record_events(&mut self, events: Vec<EventKind>, _: &mut Context<Self>) {
+        self.write(WriteOp::Events(events));
+    }
+
+    fn send(&self, message: ServerMessage) {
+        if let Some(conn) = &self.connection {
+            if let Err(err) = conn.conn.try_send(ToShim::Frame(message)) {
+                tracing::warn!(run_id = %self.id, error = %err, "could not queue a frame for the shim");
+            }
+        }
+    }
+
+    fn spawn(&mut self, ctx: &mut Context<Self>) {
+        let settings = self.deps.settings.clone();
+        let minted = token::mint();
+        let mut env = self.spec.env.clone();
+        use agent_shim::protocol::env as vars;
+        env.insert(vars::RUN_ID.into(), self.id.to_string());
+        env.insert(vars::CALLBACK_URL.into(), settings.callback_url.clone());
+        env.insert(vars::RUN_TOKEN.into(), minted.secret.clone());
+        env.insert(vars::TRACEPARENT.into(), self.spec.traceparent.clone());
+        env.insert(
+            vars::LOST_AFTER_S.into(),
+            settings.timeouts.lost_after.as_secs().max(1).to_string(),
+        );
+        let request = SpawnRequest {
+            run_id: self.id,
+            agent: self.record.agent.clone(),
+            image: self.spec.image.clone(),
+            resources: self.record.resources.clone(),
+            env,
+            labels: BTreeMap::from([
+                (labels::RUN_ID.to_string(), self.id.to_string()),
+                (labels::AGENT.to_string(), self.record.agent.clone()),
+                (labels::CLUSTER.to_string(), settings.cluster_id.clone()),
+            ]),
+        };
+        let token_record = TokenRecord {
+            run_id: self.id,
+            expires_at: Utc::now()
+                + chrono::Duration::from_std(settings.timeouts.token_max_lifetime)
+                    .unwrap_or(chrono::Duration::days(1)),
+            revoked: false,
+        };
+        let store = self.deps.store.clone();
+        let router = self.deps.router.clone();
+        let provider = self.record.provider.clone();
+        ctx.spawn(
+            async move {
+                store
+                    .put_token(&minted.hash, &token_record)
+                    .await
+                    .map_err(|err| ProviderError::SpawnFailed {
+                        message: format!("could not store the run token: {err}"),
+                    })?;
+                router
+                    .send(SpawnSandbox { provider, request })
+                    .await
+                    .map_err(|err| ProviderError::Operation {
+                        operation: "spawn",
+                        message: format!("provider router unavailable: {err}"),
+                    })?
+            }
+            .into_actor(self)
+            .map(|res, act, ctx| act.spawned(res, ctx)),
+        );
+    }
+
+    fn spawned(&mut self, res: Result<SandboxHandle, ProviderError>, ctx: &mut Context<Self>) {
+        match res {
+            Ok(handle) => {
+                tracing::info!(run_id = %self.id, sandbox = %handle.id, host = %handle.remote_host, "sandbox created");
+                self.record.sandbox_id = Some(handle.id.clone());
+                self.record.remote_host = Some(handle.remote_host.clone());
+                self.sandbox = Some(handle.clone());
+                let terminal = self.phase.state.is_terminal();
+                self.record_events(
+                    vec![EventKind::SandboxCreated {
+                        sandbox_id: handle.id.clone(),
+                        remote_host: handle.remote_host.clone(),
+                    }],
+                    ctx,
+                );
+                if !terminal {
+                    self.watch_sandbox(handle, ctx);
+                }
+                self.apply(Input::Spawned, ctx);
+            }
+            Err(err) => {
+                tracing::warn!(run_id = %self.id, error = %err, "spawn failed");
+                let kind = match err {
+                    ProviderError::ImagePull { .. } => FailureKind::ImagePullFailed,
+                    _ => FailureKind::ProviderError,
+                };
+                self.apply(Input::SpawnFailed(Failure::new(kind, err.to_string())), ctx);
+            }
+        }
+    }
+
+    /// Follows the sandbox's exit and copies its output into the run's provider log.
+    fn watch_sandbox(&mut self, handle: SandboxHandle, ctx: &mut Context<Self>) {
+        let router = self.deps.router.clone();
+        let provider = self.record.provider.clone();
+        let wait = router.send(WaitSandbox {
+            provider: provider.clone(),
+            sandbox: handle.clone(),
+        });
+        ctx.spawn(wait.into_actor(self).map(|res, act, ctx| match res {
+            Ok(Ok(exit)) => {
+                tracing::info!(run_id = %act.id, code = ?exit.code, oom = exit.oom_killed, "sandbox ended");
+                act.sandbox_ended(exit.code, exit.oom_killed, ctx);
+            }
+            Ok(Err(err)) => {
+                tracing::warn!(run_id = %act.id, error = %err, "could not watch the sandbox");
+            }
+            Err(err) => {
+                tracing::warn!(run_id = %act.id, error = %err, "provider router unavailable");
+            }
+        }));
+        let store = self.deps.store.clone();
+        let id = self.id;
+        actix_rt::spawn(async move {
+            let logs = router
+                .send(SandboxLogs {
+                    provider,
+                    sandbox: handle,
+                    follow: true,
+                })
+                .await;
+            let mut stream = match logs {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(err)) => {
+                    tracing::warn!(run_id = %id, error = %err, "provider logs unavailable");
+                    return;
+                }
+                Err(err) => {
+                    tracing::warn!(run_id = %id, error = %err, "provider router unavailable");
+                    return;
+                }
+            };
+            // Batch what is ready, so a chatty sandbox costs few store writes.
+            while let Some(first) = stream.next().await {
+                let mut batch = Vec::new();
+                let mut next = Some(first);
+                while let Some(item) = next.take() {
+                    match item {
+                        Ok(line) => batch.push((line.stream, line.line)),
+                        Err(err) => {
+                            tracing::warn!(run_id = %id, error = %err, "provider log read failed")
+                        }
+                    }
+                    if batch.len() < 256 {
+                        next = stream.next().now_or_never().flatten();
+                    }
+                }
+                if let Err(err) = store.append_logs(id, LogSource::Provider, batch).await {
+                    tracing::warn!(run_id = %id, error = %err, "could not store provider logs");
+                    return;
+                }
+            }
+        });
+    }
+
+    fn sandbox_ended(&mut self, code: Option<i32>, oom_killed: bool, ctx: &mut Context<Self>) {
+        // The provider may report the end a moment before the shim's last frames are handled;
+        // give in-flight frames a short while to land before classifying.
+        if self.phase.state.is_terminal() {
+            return;
+        }
+        ctx.run_later(Duration::from_millis(200), move |act, ctx| {
+            act.sandbox = None;
+            act.apply(Input::SandboxExited { code, oom_killed }, ctx);
+        });
+    }
+
+    fn kill_sandbox(&mut self, _: &mut Context<Self>) {
+        let Some(handle) = self.sandbox.take() else {
+            return;
+        };
+        // Queued before the final write, so a terminal run has no sandbox left.
+        self.write(WriteOp::Kill(KillSandbox {
+            provider: self.record.provider.clone(),
+            run_id: self.id,
+            sandbox: handle,
+        }));
+    }
+
+    /// The run reached a terminal state.
+    fn finish(&mut self, from: RunState, ctx: &mut Context<Self>) {
+        let id = self.id;
+        let to = self.phase.state;
+        for (call_id, (tool, _)) in self.in_flight.drain() {
+            tracing::debug!(run_id = %id, call_id, tool, "tool call abandoned at run end");
+        }
+        if let Some(conn) = self.connection.take() {
+            if let Err(err) = conn.conn.try_send(ToShim::Close {
+                code: 1000,
+                reason: format!("run {to}"),
+            }) {
+                tracing::debug!(run_id = %id, error = %err, "connection already gone");
+            }
+        }
+        let started = self
+            .record
+            .state_times
+            .get(&RunState::Starting)
+            .copied()
+            .unwrap_or(self.record.created_at);
+        self.write(WriteOp::Finish(Box::new(FinalWrite {
+            record: self.record.clone(),
+            from,
+            billed_seconds: (Utc::now() - started).num_milliseconds().max(0) as f64 / 1000.0,
+            done: ctx.address().recipient(),
+        })));
+    }
+
+    fn refuse_if_ended(&self) -> Result<(), TokenError> {
+        if self.phase.state.is_terminal() {
+            Err(TokenError::RunEnded { run_id: self.id })
+        } else {
+            Ok(())
+        }
+    }
+
+    fn agent_activity(&mut self, ctx: &mut Context<Self>) {
+        if self.phase.state == RunState::Running && self.timers.contains_key(&Timer::Idle) {
+            self.arm(Timer::Idle, ctx);
+        }
+    }
+
+    fn handle_sequenced(&mut self, message: ShimMessage, ctx: &mut Context<Self>) {
+        let Some(seq) = message.seq() else {
+            return;
+        };
+        if seq <= self.last_seq {
+            // Already persisted: a resend after a reconnect. Ack again, do nothing else.
+            self.send(ServerMessage::Ack { seq: self.last_seq });
+            return;
+        }
+        if seq != self.last_seq + 1 {
+            tracing::warn!(run_id = %self.id, seq, expected = self.last_seq + 1, "sequence gap; asking the shim to resume");
+            if let Some(conn) = &self.connection {
+                if let Err(err) = conn.conn.try_send(ToShim::Close {
+                    code: 4000,
+                    reason: format!(
+                        "sequence gap: expected {}, got {seq}; reconnect and resume",
+                        self.last_seq + 1
+                    ),
+                }) {
+                    tracing::debug!(run_id = %self.id, error = %err, "connection already gone");
+                }
+            }
+            return;
+        }
+        self.last_seq = seq;
+        let mut events = Vec::new();
+        let mut input = None;
+        match message {
+            ShimMessage::AgentEvent { payload, .. } => {
+                self.agent_activity(ctx);
+                events.push(match payload {
+                    AgentEventPayload::AgentStarted { pid } => EventKind::AgentStarted { pid },
+                    AgentEventPayload::Message { text } => EventKind::AgentMessage { text },
+                    AgentEventPayload::Done { result } => {
+                        self.record.result = Some(result.clone());
+                        EventKind::AgentDone { result }
+                    }
+                    AgentEventPayload::StopForwarded { grace_s } => {
+                        EventKind::StopForwarded { grace_s }
+                    }
+                });
+            }
+            ShimMessage::ToolCall {
+                call_id,
+                tool,
+                args,
+                ..
+            } => {
+                self.agent_activity(ctx);
+                events.push(EventKind::ToolCall {
+                    call_id: call_id.clone(),
+                    tool: tool.clone(),
+                });
+                self.start_tool_call(call_id, tool, args, ctx);
+            }
+            ShimMessage::Log { stream, line, .. } => {
+                self.agent_activity(ctx);
+                let stream = match stream {
+                    ShimLogStream::Stdout => "stdout",
+                    ShimLogStream::Stderr => "stderr",
+                    ShimLogStream::Shim => "shim",
+                };
+                self.write(WriteOp::Logs(vec![(stream.to_string(), line)]));
+            }
+            ShimMessage::Usage { usage, .. } => {
+                let peak = self
+                    .record
+                    .usage
+                    .peak_memory_bytes
+                    .max(usage.memory_bytes)
+                    .or(usage.memory_bytes);
+                self.record.usage = Usage {
+                    cpu_pct: usage.cpu_pct,
+                    memory_bytes: usage.memory_bytes,
+                    peak_memory_bytes: peak,
+                    reported_at: Some(Utc::now()),
+                };
+                events.push(EventKind::Usage {
+                    cpu_pct: usage.cpu_pct,
+                    memory_bytes: usage.memory_bytes,
+                });
+            }
+            ShimMessage::Exited { code, signal, .. } => {
+                events.push(EventKind::AgentExited { code, signal });
+                input = Some(Input::AgentExited { code, signal });
+            }
+            ShimMessage::Hello { .. } | ShimMessage::Heartbeat { .. } => {}
+        }
+        if !events.is_empty() {
+            self.record_events(events, ctx);
+        }
+        // The ack goes out once what came before it is stored (the writer keeps order).
+        if let Some(conn) = &self.connection {
+            self.write(WriteOp::Ack {
+                seq,
+                conn: conn.conn.clone(),
+            });
+        }
+        if let Some(input) = input {
+            self.apply(input, ctx);
+        }
+    }
+
+    fn start_tool_call(
+        &mut self,
+        call_id: String,
+        tool: String,
+        args: Value,
+        ctx: &mut Context<Self>,
+    ) {
+        if !self.seen_calls.insert(call_id.clone()) {
+            tracing::warn!(run_id = %self.id, call_id, "duplicate tool call id; not executed again");
+            return;
+        }
+        self.in_flight
+            .insert(call_id.clone(), (tool.clone(), Instant::now()));
+        let tools = self.deps.tools.clone();
+        let limit = self.timeouts().tool_call;
+        let id = self.id;
+        let tool_name = tool.clone();
+        ctx.spawn(
+            async move {
+                match tokio::time::timeout(limit, tools.call(id, &tool_name, args)).await {
+                    Ok(res) => res,
+                    Err(_) => Err(crate::tools::ToolFailure::new(
+                        codes::TIMEOUT,
+                        format!(
+                            "tool '{tool_name}' did not finish within {} s",
+                            limit.as_secs_f64()
+                        ),
+                    )),
+                }
+            }
+            .into_actor(self)
+            .map(move |res, act, ctx| act.tool_done(call_id, res, ctx)),
+        );
+    }
+
+    fn tool_done(
+        &mut self,
+        call_id: String,
+        res: Result<Value, crate::tools::ToolFailure>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some((tool, started)) = self.in_flight.remove(&call_id) else {
+            return;
+        };
+        let duration_ms = started.elapsed().as_millis() as u64;
+        let (message, ok, error_code) = match res {
+            Ok(result) => (
+                ServerMessage::ToolResult {
+                    call_id: call_id.clone(),
+                    ok: true,
+                    result: Some(result),
+                    error: None,
+                },
+                true,
+                None,
+            ),
+            Err(failure) => (
+                ServerMessage::ToolResult {
+                    call_id: call_id.clone(),
+                    ok: false,
+                    result: None,
+                    error: Some(ToolError {
+                        code: failure.code.to_string(),
+                        message: failure.message,
+                    }),
+                },
+                false,
+                Some(failure.code.to_string()),
+            ),
+        };
+        tracing::debug!(run_id = %self.id, call_id, tool, ok, duration_ms, "tool call finished");
+        self.send(message.clone());
+        self.remember_answer(call_id.clone(), message);
+        self.agent_activity(ctx);
+        self.record_events(
+            vec![EventKind::ToolResult {
+                call_id,
+                tool,
+                ok,
+                duration_ms,
+                error_code,
+            }],
+            ctx,
+        );
+    }
+
+    fn remember_answer(&mut self, call_id: String, message: ServerMessage) {
+        if self.answered_order.len() >= ANSWERED_CAPACITY {
+            if let Some(old) = self.answered_order.pop_front() {
+                self.answered.remove(&old);
+            }
+        }
+        self.answered_order.push_back(call_id.clone());
+        self.answered.insert(call_id, message);
+    }
+}
+
+async fn tail(store: &dyn RunStore, id: RunId, source: LogSource, n: usize) -> Vec<String> {
+    let mut lines: VecDeque<String> = VecDeque::with_capacity(n);
+    match store.logs(id, source, 0, false).await {
+        Ok(mut stream) => {
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(line) => {
+                        if lines.len() == n {
+                            lines.pop_front();
+                        }
+                        lines.push_back(format!("{}: {}", line.stream, line.line));
+                    }
+                    Err(err) => {
+                        tracing::warn!(run_id = %id, error = %err, "could not read logs for evidence");
+                        break;
+                    }
+                }
+            }
+        }
+        Err(err) => tracing::warn!(run_id = %id, error = %err, "could not read logs for evidence"),
+    }
+    lines.into()
+}
+
+impl Actor for RunActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Mailbox sized for bursts of frames from a chatty shim.
+        ctx.set_mailbox_capacity(4096);
+        self.apply(Input::Start, ctx);
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        self.deps.registry.remove(self.id);
+        tracing::debug!(run_id = %self.id, state = %self.phase.state, "run actor stopped");
+    }
+}
+
+impl Handler<Finished> for RunActor {
+    type Result = ();
+    fn handle(&mut self, msg: Finished, ctx: &mut Context<Self>) {
+        self.record = *msg.0;
+        ctx.stop();
+    }
+}
+
+impl Handler<StopRun> for RunActor {
+    type Result = ();
+    fn handle(&mut self, msg: StopRun, ctx: &mut Context<Self>) {
+        if self.phase.state.is_terminal() || self.phase.state == RunState::Stopping {
+            return;
+        }
+        let grace_s = msg.grace_s.unwrap_or(self.timeouts().stop_grace.as_secs());
+        self.record_events(vec![EventKind::StopRequested { grace_s }], ctx);
+        self.apply(Input::Stop { grace_s }, ctx);
+    }
+}
+
+impl Handler<KillRun> for RunActor {
+    type Result = ();
+    fn handle(&mut self, msg: KillRun, ctx: &mut Context<Self>) {
+        if self.phase.state.is_terminal() {
+            return;
+        }
+        self.record_events(vec![EventKind::KillRequested { reason: msg.reason }], ctx);
+        self.apply(Input::Kill, ctx);
+    }
+}
+
+impl Handler<ShimHello> for RunActor {
+    type Result = Result<(), TokenError>;
+    fn handle(&mut self, msg: ShimHello, ctx: &mut Context<Self>) -> Self::Result {
+        self.refuse_if_ended()?;
+        if let Some(old) = self.connection.take() {
+            if old.id != msg.conn_id {
+                if let Err(err) = old.conn.try_send(ToShim::Close {
+                    code: 1000,
+                    reason: "replaced by a newer connection".into(),
+                }) {
+                    tracing::debug!(run_id = %self.id, error = %err, "old connection already gone");
+                }
+            }
+        }
+        let resumed = msg.resume_from.is_some() || self.agent_started;
+        let welcome = ServerMessage::Welcome {
+            run_id: self.id.to_string(),
+            task: self.record.task.clone(),
+            bundle: self.spec.bundle.clone(),
+            last_acked: self.last_seq,
+            heartbeat_interval_ms: self.timeouts().heartbeat_interval.as_millis() as u64,
+            lost_after_ms: self.timeouts().lost_after.as_millis() as u64,
+            start_agent: !self.agent_started,
+        };
+        self.agent_started = true;
+        self.connection = Some(Connection {
+            id: msg.conn_id,
+            conn: msg.conn,
+        });
+        tracing::info!(run_id = %self.id, host = %msg.host, resumed, last_acked = self.last_seq, "shim connected");
+        // Welcome first, then answers the shim missed while away.
+        self.send(welcome);
+        for call_id in &msg.pending_calls {
+            if let Some(answer) = self.answered.get(call_id) {
+                self.send(answer.clone());
+            } else if !self.in_flight.contains_key(call_id) && self.seen_calls.contains(call_id) {
+                self.send(ServerMessage::ToolResult {
+                    call_id: call_id.clone(),
+                    ok: false,
+                    result: None,
+                    error: Some(ToolError {
+                        code: codes::RETRYABLE.into(),
+                        message: "the result of this call was lost; call again".into(),
+                    }),
+                });
+            }
+        }
+        self.record_events(
+            vec![EventKind::ShimConnected {
+                host: msg.host,
+                resumed,
+            }],
+            ctx,
+        );
+        self.apply(Input::ShimConnected, ctx);
+        Ok(())
+    }
+}
+
+impl Handler<ShimFrame> for RunActor {
+    type Result = ();
+    fn handle(&mut self, msg: ShimFrame, ctx: &mut Context<Self>) {
+        if self.connection.as_ref().map(|c| c.id) != Some(msg.conn_id) {
+            tracing::debug!(run_id = %self.id, conn_id = msg.conn_id, "frame from a replaced connection dropped");
+            return;
+        }
+        if self.phase.state.is_terminal() {
+            return;
+        }
+        self.handle_sequenced(msg.message, ctx);
+    }
+}
+
+impl Handler<ShimGone> for RunActor {
+    type Result = ();
+    fn handle(&mut self, msg: ShimGone, ctx: &mut Context<Self>) {
+        if self.connection.as_ref().map(|c| c.id) != Some(msg.conn_id) {
+            return;
+        }
+        self.connection = None;
+        if self.phase.state.is_terminal() {
+            return;
+        }
+        tracing::info!(run_id = %self.id, reason = %msg.reason, "shim disconnected");
+        self.record_events(
+            vec![EventKind::ShimDisconnected { reason: msg.reason }],
+            ctx,
+        );
+        self.apply(Input::ShimDisconnected, ctx);
+    }
+}
+
+/// Checks a hello against the protocol version this build speaks.
+pub fn check_protocol_version(version: u32) -> Result<(), String> {
+    if version == PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(format!(
+            "protocol version {version} is not supported (this control plane speaks {PROTOCOL_VERSION})"
+        ))
+    }
+}

@@ -1,0 +1,48 @@
+//! Messages a `RunActor` handles, named as verbs.
+
+use actix::prelude::*;
+use agent_shim::protocol::ShimMessage;
+
+use crate::sandbox_connection::messages::ToShim;
+use crate::token::TokenError;
+
+/// Ask the run to stop gracefully (`None`: the configured grace).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopRun {
+    pub grace_s: Option<u64>,
+}
+
+/// Kill the run's sandbox at once.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct KillRun {
+    pub reason: String,
+}
+
+/// A shim said hello on a connection whose token is valid for this run.
+#[derive(Message)]
+#[rtype(result = "Result<(), TokenError>")]
+pub struct ShimHello {
+    pub conn_id: u64,
+    pub conn: Recipient<ToShim>,
+    pub host: String,
+    pub resume_from: Option<u64>,
+    pub pending_calls: Vec<String>,
+}
+
+/// A frame from the shim on the run's current connection.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ShimFrame {
+    pub conn_id: u64,
+    pub message: ShimMessage,
+}
+
+/// The connection went away.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ShimGone {
+    pub conn_id: u64,
+    pub reason: String,
+}
