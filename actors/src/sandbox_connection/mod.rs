@@ -1,1 +1,343 @@
+//! `SandboxConnection`: one actor per shim WebSocket. Reads frames, checks the run token on
+//! `hello`, hands sequenced frames to the run's actor, and writes the run's frames back through a
+//! bounded outbound queue.
+
 pub mod messages;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, Session};
+use agent_shim::protocol::{ServerMessage, ShimMessage, CLOSE_POLICY_VIOLATION, MAX_FRAME_BYTES};
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::model::RunId;
+use crate::run::actor::check_protocol_version;
+use crate::run::messages::{ShimFrame, ShimGone, ShimHello};
+use crate::run::{RunActor, RunRegistry};
+use crate::store::RunStore;
+use crate::token::{self, TokenError};
+use messages::ToShim;
+
+/// Frames waiting to be written to one shim; a shim that falls further behind is disconnected
+/// (it resumes from its last ack when it reconnects).
+pub const OUTBOUND_CAPACITY: usize = 1024;
+
+static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
+
+enum Outbound {
+    Text(String),
+    Pong(Bytes),
+    Close(u16, String),
+}
+
+/// What every connection needs.
+#[derive(Clone)]
+pub struct ConnectionDeps {
+    pub store: Arc<dyn RunStore>,
+    pub registry: RunRegistry,
+    /// A shim silent for this long (no frame, no heartbeat) is disconnected.
+    pub silence_limit: Duration,
+}
+
+enum Stage {
+    AwaitingHello,
+    /// Hello received, token being checked.
+    Checking,
+    Attached {
+        run_id: RunId,
+        run: Addr<RunActor>,
+    },
+}
+
+pub struct SandboxConnection {
+    id: u64,
+    /// The bearer token the shim presented. Never logged.
+    token: String,
+    deps: ConnectionDeps,
+    out: mpsc::Sender<Outbound>,
+    stage: Stage,
+    last_seen: Instant,
+    closing: bool,
+}
+
+impl SandboxConnection {
+    /// Starts the actor for an upgraded WebSocket.
+    pub fn start(
+        session: Session,
+        stream: actix_ws::MessageStream,
+        token: String,
+        deps: ConnectionDeps,
+    ) -> Addr<SandboxConnection> {
+        let (out, rx) = mpsc::channel(OUTBOUND_CAPACITY);
+        actix_rt::spawn(write_frames(session, rx));
+        let stream: AggregatedMessageStream = stream
+            .max_frame_size(MAX_FRAME_BYTES)
+            .aggregate_continuations()
+            .max_continuation_size(MAX_FRAME_BYTES);
+        SandboxConnection::create(move |ctx| {
+            ctx.add_stream(stream);
+            SandboxConnection {
+                id: NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed),
+                token,
+                deps,
+                out,
+                stage: Stage::AwaitingHello,
+                last_seen: Instant::now(),
+                closing: false,
+            }
+        })
+    }
+
+    fn queue(&mut self, frame: Outbound, ctx: &mut Context<Self>) {
+        if self.closing {
+            return;
+        }
+        let closing = matches!(frame, Outbound::Close(..));
+        match self.out.try_send(frame) {
+            Ok(()) => {
+                if closing {
+                    self.closing = true;
+                    ctx.stop();
+                }
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(conn = self.id, "shim is not reading; disconnecting it");
+                self.closing = true;
+                ctx.stop();
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.closing = true;
+                ctx.stop();
+            }
+        }
+    }
+
+    fn send(&mut self, message: &ServerMessage, ctx: &mut Context<Self>) {
+        match serde_json::to_string(message) {
+            Ok(text) => self.queue(Outbound::Text(text), ctx),
+            Err(err) => tracing::error!(conn = self.id, error = %err, "could not encode a frame"),
+        }
+    }
+
+    fn close(&mut self, code: u16, reason: impl Into<String>, ctx: &mut Context<Self>) {
+        let reason = reason.into();
+        tracing::info!(conn = self.id, code, reason = %reason, "closing shim connection");
+        self.queue(Outbound::Close(code, reason), ctx);
+    }
+
+    /// A frame the server cannot accept: tell the shim, keep the connection.
+    fn reject(&mut self, code: &str, message: String, ctx: &mut Context<Self>) {
+        tracing::warn!(conn = self.id, code, message = %message, "rejected shim frame");
+        self.send(
+            &ServerMessage::Error {
+                code: code.to_string(),
+                message,
+                fatal: false,
+            },
+            ctx,
+        );
+    }
+
+    fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
+        let message: ShimMessage = match serde_json::from_str(text) {
+            Ok(message) => message,
+            Err(err) => {
+                return self.reject(
+                    "malformed_frame",
+                    format!("frame is not a valid message: {err}"),
+                    ctx,
+                )
+            }
+        };
+        match (&self.stage, message) {
+            (
+                Stage::AwaitingHello,
+                ShimMessage::Hello {
+                    run_id,
+                    protocol_version,
+                    host,
+                    resume_from,
+                    pending_calls,
+                },
+            ) => {
+                if let Err(reason) = check_protocol_version(protocol_version) {
+                    return self.close(CLOSE_POLICY_VIOLATION, reason, ctx);
+                }
+                let run_id: RunId = match run_id.parse() {
+                    Ok(id) => id,
+                    Err(_) => {
+                        return self.close(
+                            CLOSE_POLICY_VIOLATION,
+                            format!("hello names run '{run_id}', which is not a run id"),
+                            ctx,
+                        )
+                    }
+                };
+                self.stage = Stage::Checking;
+                let store = self.deps.store.clone();
+                let registry = self.deps.registry.clone();
+                let secret = std::mem::take(&mut self.token);
+                let conn_id = self.id;
+                let recipient = ctx.address().recipient();
+                ctx.wait(
+                    async move {
+                        token::verify(&*store, &secret, run_id).await?;
+                        let run = registry.get(run_id).ok_or(TokenError::RunEnded { run_id })?;
+                        run.send(ShimHello {
+                            conn_id,
+                            conn: recipient,
+                            host,
+                            resume_from,
+                            pending_calls,
+                        })
+                        .await
+                        .map_err(|_| TokenError::RunEnded { run_id })??;
+                        Ok::<_, TokenError>(run)
+                    }
+                    .into_actor(self)
+                    .map(move |res, act, ctx| match res {
+                        Ok(run) => act.stage = Stage::Attached { run_id, run },
+                        Err(err) => {
+                            tracing::warn!(conn = act.id, run_id = %run_id, error = %err, "shim refused");
+                            act.close(CLOSE_POLICY_VIOLATION, err.to_string(), ctx);
+                        }
+                    }),
+                );
+            }
+            (Stage::AwaitingHello, _) => {
+                self.close(CLOSE_POLICY_VIOLATION, "the first frame must be hello", ctx)
+            }
+            (Stage::Checking, _) => self.reject(
+                "not_ready",
+                "frame sent before the welcome; it was dropped".into(),
+                ctx,
+            ),
+            (Stage::Attached { .. }, ShimMessage::Hello { .. }) => {
+                self.reject("duplicate_hello", "hello was already received".into(), ctx)
+            }
+            (Stage::Attached { .. }, ShimMessage::Heartbeat { .. }) => {}
+            (Stage::Attached { run, .. }, message) => {
+                let frame = ShimFrame {
+                    conn_id: self.id,
+                    message,
+                };
+                if let Err(err) = run.try_send(frame) {
+                    // Not acked, so the shim resends it after reconnecting.
+                    tracing::warn!(conn = self.id, error = %err, "run actor busy; disconnecting the shim");
+                    self.close(1013, "control plane busy; reconnect and resume", ctx);
+                }
+            }
+        }
+    }
+}
+
+impl Actor for SandboxConnection {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        if self.token.is_empty() {
+            self.close(CLOSE_POLICY_VIOLATION, TokenError::Missing.to_string(), ctx);
+            return;
+        }
+        let limit = self.deps.silence_limit;
+        ctx.run_interval(limit / 3, move |act, ctx| {
+            if act.last_seen.elapsed() > limit {
+                act.close(
+                    1001,
+                    format!("no frame from the shim for {} ms", limit.as_millis()),
+                    ctx,
+                );
+            }
+        });
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        if let Stage::Attached { run, run_id } = &self.stage {
+            tracing::debug!(conn = self.id, run_id = %run_id, "shim connection ended");
+            run.do_send(ShimGone {
+                conn_id: self.id,
+                reason: "connection closed".into(),
+            });
+        }
+    }
+}
+
+impl StreamHandler<Result<AggregatedMessage, actix_ws::ProtocolError>> for SandboxConnection {
+    fn handle(
+        &mut self,
+        item: Result<AggregatedMessage, actix_ws::ProtocolError>,
+        ctx: &mut Context<Self>,
+    ) {
+        self.last_seen = Instant::now();
+        match item {
+            Ok(AggregatedMessage::Text(text)) => self.on_text(&text, ctx),
+            Ok(AggregatedMessage::Binary(_)) => self.reject(
+                "malformed_frame",
+                "binary frames are not part of the protocol; send JSON text frames".into(),
+                ctx,
+            ),
+            Ok(AggregatedMessage::Ping(bytes)) => self.queue(Outbound::Pong(bytes), ctx),
+            Ok(AggregatedMessage::Pong(_)) => {}
+            Ok(AggregatedMessage::Close(reason)) => {
+                tracing::debug!(conn = self.id, ?reason, "shim closed the connection");
+                self.closing = true;
+                ctx.stop();
+            }
+            Err(err) => {
+                let (code, reason) = match err {
+                    actix_ws::ProtocolError::Overflow => {
+                        (1009, format!("frame larger than {MAX_FRAME_BYTES} bytes"))
+                    }
+                    other => (1002, format!("websocket protocol error: {other}")),
+                };
+                self.close(code, reason, ctx);
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+impl Handler<ToShim> for SandboxConnection {
+    type Result = ();
+    fn handle(&mut self, msg: ToShim, ctx: &mut Context<Self>) {
+        match msg {
+            ToShim::Frame(frame) => self.send(&frame, ctx),
+            ToShim::Close { code, reason } => self.close(code, reason, ctx),
+        }
+    }
+}
+
+/// Writes queued frames to the socket; a close frame ends the session.
+async fn write_frames(mut session: Session, mut rx: mpsc::Receiver<Outbound>) {
+    while let Some(frame) = rx.recv().await {
+        let sent = match frame {
+            Outbound::Text(text) => session.text(text).await,
+            Outbound::Pong(bytes) => session.pong(&bytes).await,
+            Outbound::Close(code, reason) => {
+                let reason = CloseReason {
+                    code: CloseCode::from(code),
+                    description: Some(reason),
+                };
+                if session.close(Some(reason)).await.is_err() {
+                    tracing::debug!("socket already closed");
+                }
+                return;
+            }
+        };
+        if sent.is_err() {
+            tracing::debug!("socket closed while writing");
+            return;
+        }
+    }
+    // The actor stopped without closing: close normally.
+    if session.close(None).await.is_err() {
+        tracing::debug!("socket already closed");
+    }
+}
