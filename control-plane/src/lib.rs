@@ -2,5 +2,5 @@
 
 pub mod bundle;
 pub mod config;
-pub mod tools;
 pub mod server;
+pub mod tools;

@@ -1,0 +1,567 @@
+//! `/v1/runs`: create, list, get, stop, kill, events and logs.
+
+use std::collections::BTreeMap;
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use actors::model::{LogSource, Resources, RunId, RunRecord, RunState, Usage};
+use actors::run::messages::{KillRun, StopRun};
+use actors::run::{RunActor, RunSpec};
+use actors::store::{CreateOutcome, RunFilter};
+use agent_shim::protocol::BundleInfo;
+use bytes::Bytes;
+use chrono::Utc;
+use futures_util::{Stream, StreamExt};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use super::auth::ApiAuth;
+use crate::bundle::Bundle;
+use crate::config::{resolve_execution, resolve_resources, ConfigError, Project};
+use crate::server::error::{ApiError, ErrorBody, ErrorCode};
+use crate::server::state::AppState;
+
+/// Largest task text accepted.
+const MAX_TASK_BYTES: usize = 1024 * 1024;
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// `POST /v1/runs`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRun {
+    /// Agent name: a directory under `.codebolt/agents/`.
+    pub agent: String,
+    pub task: String,
+    /// Provider name; overrides the agent manifest and the project default.
+    pub execution: Option<String>,
+    /// Merged field by field over the manifest's and the provider's defaults.
+    pub resources: Option<Resources>,
+    /// Extra environment for the agent.
+    pub env: Option<BTreeMap<String, String>>,
+    /// Absolute time to live of the run, in seconds.
+    pub timeout_s: Option<u64>,
+    /// Client-chosen run id: creating the same id twice returns the first run.
+    #[schema(value_type = Option<String>)]
+    pub id: Option<Uuid>,
+}
+
+/// `POST /v1/runs/{id}/stop`.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StopRequest {
+    /// Seconds the agent gets to exit after SIGTERM; the server default when absent.
+    pub grace_s: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    pub state: Option<String>,
+    pub agent: Option<String>,
+    pub provider: Option<String>,
+    /// Page size, 1 to 500 (default 50).
+    pub limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunList {
+    pub runs: Vec<RunRecord>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    /// Keep the stream open and send new events until the run ends.
+    #[serde(default)]
+    pub follow: bool,
+    /// Only events with a higher index (also read from `Last-Event-ID`).
+    pub after: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct LogsQuery {
+    /// `agent` (default) or `provider`.
+    pub source: Option<String>,
+    #[serde(default)]
+    pub follow: bool,
+    pub after: Option<u64>,
+}
+
+pub fn parse_run_id(raw: &str) -> Result<RunId, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::invalid(format!("run id '{raw}' is not a UUID")))
+}
+
+pub async fn load_run(state: &AppState, id: RunId) -> Result<RunRecord, ApiError> {
+    state
+        .store
+        .get_run(id)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("run {id} not found")))
+}
+
+fn validate(body: &CreateRun) -> Result<(), ApiError> {
+    if body.agent.trim().is_empty() {
+        return Err(ApiError::invalid("agent: must not be empty"));
+    }
+    if body.task.trim().is_empty() {
+        return Err(ApiError::invalid("task: must not be empty"));
+    }
+    if body.task.len() > MAX_TASK_BYTES {
+        return Err(ApiError::invalid(format!(
+            "task: {} bytes is more than the limit of {MAX_TASK_BYTES}",
+            body.task.len()
+        )));
+    }
+    if let Some(res) = &body.resources {
+        if res.memory_mb == Some(0) {
+            return Err(ApiError::invalid(
+                "resources.memory_mb: must be greater than zero",
+            ));
+        }
+        if let Some(cpu) = res.cpu {
+            if !cpu.is_finite() || cpu <= 0.0 {
+                return Err(ApiError::invalid(format!(
+                    "resources.cpu: {cpu} is not a positive number"
+                )));
+            }
+        }
+    }
+    if body.timeout_s == Some(0) {
+        return Err(ApiError::invalid("timeout_s: must be greater than zero"));
+    }
+    for name in body.env.iter().flat_map(|env| env.keys()) {
+        let valid = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !name.starts_with(|c: char| c.is_ascii_digit());
+        if !valid {
+            return Err(ApiError::invalid(format!(
+                "env.{name}: not a valid environment variable name"
+            )));
+        }
+        if name.starts_with("CODEBOLT_") || name == "TRACEPARENT" {
+            return Err(ApiError::invalid(format!(
+                "env.{name}: reserved for the control plane"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
+    let Some(value) = req.headers().get("Idempotency-Key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .map_err(|_| ApiError::invalid("Idempotency-Key header: must be visible ASCII"))?;
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(ApiError::invalid(format!(
+            "Idempotency-Key header: must be 1 to {MAX_IDEMPOTENCY_KEY} characters"
+        )));
+    }
+    Ok(Some(key.to_string()))
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::rngs::OsRng.fill_bytes(&mut buf);
+    hex::encode(buf)
+}
+
+fn config_error(err: ConfigError, agent: &str) -> ApiError {
+    match err {
+        ConfigError::AgentNotFound { .. } => ApiError::new(
+            ErrorCode::UnknownAgent,
+            format!("agent: no agent named '{agent}' ({err})"),
+        ),
+        ConfigError::InvalidAgentName { .. } => ApiError::invalid(format!("agent: {err}")),
+        other => ApiError::new(ErrorCode::UnknownAgent, other.to_string()),
+    }
+}
+
+/// A retried create must describe the same run as the first one.
+fn same_request(existing: &RunRecord, body: &CreateRun) -> bool {
+    existing.agent == body.agent && existing.task == body.task
+}
+
+#[utoipa::path(
+    post, path = "/v1/runs", tag = "runs",
+    request_body = CreateRun,
+    params(("Idempotency-Key" = Option<String>, Header, description = "retries with the same key return the same run")),
+    responses(
+        (status = 201, description = "run created", body = RunRecord),
+        (status = 200, description = "the run an earlier request with the same key or id created", body = RunRecord),
+        (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody),
+    )
+)]
+pub async fn create_run(
+    _auth: ApiAuth,
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Json<CreateRun>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    validate(&body)?;
+    let key = idempotency_key(&req)?;
+
+    // A retry returns the run the first request created, before any other work.
+    let replay = |existing: RunRecord| -> Result<HttpResponse, ApiError> {
+        if !same_request(&existing, &body) {
+            return Err(ApiError::new(
+                ErrorCode::IdempotencyConflict,
+                format!(
+                    "run {} was created by an earlier request with the same key or id but a different agent or task",
+                    existing.id
+                ),
+            ));
+        }
+        Ok(HttpResponse::Ok().json(existing))
+    };
+    if let Some(id) = body.id {
+        if let Some(existing) = state.store.get_run(id).await? {
+            return replay(existing);
+        }
+    }
+
+    let workspace = state.workspace.clone();
+    let agent = body.agent.clone();
+    let (manifest, settings, agent_dir) = web::block(move || {
+        let project = Project::load(&workspace)?;
+        let manifest = project.agent(&agent)?;
+        let dir = project.agent_dir(&agent)?;
+        Ok::<_, ConfigError>((manifest, project.settings().clone(), dir))
+    })
+    .await
+    .map_err(|err| ApiError::internal(format!("project loading failed: {err}")))?
+    .map_err(|err| config_error(err, &body.agent))?;
+
+    let provider_name = resolve_execution(body.execution.as_deref(), &manifest, &settings);
+    let provider = state.config.provider(&provider_name).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::UnknownProvider,
+            format!(
+                "execution: no provider named '{provider_name}' (configured: {})",
+                state
+                    .config
+                    .providers
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+    })?;
+    let resources = resolve_resources(
+        &body.resources.clone().unwrap_or_default(),
+        &manifest,
+        provider,
+    );
+
+    let bundle = web::block(move || Bundle::build(&agent_dir))
+        .await
+        .map_err(|err| ApiError::internal(format!("bundle building failed: {err}")))?
+        .map_err(|err| ApiError::invalid(format!("agent: bundle could not be built: {err}")))?;
+    let bundle = state.keep_bundle(bundle);
+
+    let id = body.id.unwrap_or_else(Uuid::new_v4);
+    let trace_id = random_hex(16);
+    let traceparent = format!("00-{trace_id}-{}-01", random_hex(8));
+    let mut env = manifest.env.clone();
+    env.extend(body.env.clone().unwrap_or_default());
+    let now = Utc::now();
+    let record = RunRecord {
+        id,
+        agent: body.agent.clone(),
+        task: body.task.clone(),
+        provider: provider_name,
+        state: RunState::Pending,
+        remote_host: None,
+        sandbox_id: None,
+        created_at: now,
+        state_times: BTreeMap::from([(RunState::Pending, now)]),
+        exit_code: None,
+        failure: None,
+        termination: None,
+        resources,
+        usage: Usage::default(),
+        cost_estimate: None,
+        trace_id,
+        owner: state.replica_id.clone(),
+        timeout_s: body.timeout_s,
+        result: None,
+        evidence: None,
+        env_names: env.keys().cloned().collect(),
+    };
+    match state.store.create_run(&record, key.as_deref()).await? {
+        CreateOutcome::Existing(existing) => return replay(*existing),
+        CreateOutcome::Created => {}
+    }
+    let bundle_info = BundleInfo {
+        url: format!(
+            "{}/v1/sandbox/runs/{id}/bundle/{}",
+            state.callback_url.trim_end_matches('/'),
+            bundle.sha256
+        ),
+        sha256: bundle.sha256.clone(),
+        size: bundle.size(),
+        command: manifest.command.clone(),
+    };
+    tracing::info!(run_id = %id, agent = %record.agent, provider = %record.provider, "run created");
+    RunActor::launch(
+        RunSpec {
+            record: record.clone(),
+            image: manifest.image.clone(),
+            bundle: bundle_info,
+            env,
+            traceparent,
+        },
+        state.run_deps.clone(),
+    );
+    Ok(HttpResponse::Created()
+        .insert_header((header::LOCATION, format!("/v1/runs/{id}")))
+        .json(record))
+}
+
+#[utoipa::path(
+    get, path = "/v1/runs", tag = "runs", params(ListQuery),
+    responses((status = 200, body = RunList), (status = 400, body = ErrorBody))
+)]
+pub async fn list_runs(
+    _auth: ApiAuth,
+    state: web::Data<AppState>,
+    query: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let query = query.into_inner();
+    let state_filter = query
+        .state
+        .as_deref()
+        .map(str::parse::<RunState>)
+        .transpose()
+        .map_err(|err| ApiError::invalid(format!("state: {err}")))?;
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::invalid(format!(
+            "limit: {limit} is not between 1 and 500"
+        )));
+    }
+    let filter = RunFilter {
+        state: state_filter,
+        agent: query.agent,
+        provider: query.provider,
+    };
+    let page = state
+        .store
+        .list_runs(&filter, limit, query.cursor.as_deref())
+        .await?;
+    Ok(HttpResponse::Ok().json(RunList {
+        runs: page.runs,
+        next_cursor: page.next_cursor,
+    }))
+}
+
+#[utoipa::path(
+    get, path = "/v1/runs/{id}", tag = "runs",
+    params(("id" = String, Path, description = "run id")),
+    responses((status = 200, body = RunRecord), (status = 404, body = ErrorBody))
+)]
+pub async fn get_run(
+    _auth: ApiAuth,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_run_id(&id)?;
+    Ok(HttpResponse::Ok().json(load_run(&state, id).await?))
+}
+
+#[utoipa::path(
+    post, path = "/v1/runs/{id}/stop", tag = "runs",
+    params(("id" = String, Path, description = "run id")),
+    request_body(content = Option<StopRequest>),
+    responses((status = 202, description = "stop accepted; a finished run is returned unchanged", body = RunRecord), (status = 404, body = ErrorBody))
+)]
+pub async fn stop_run(
+    _auth: ApiAuth,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    body: Option<web::Json<StopRequest>>,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_run_id(&id)?;
+    let record = load_run(&state, id).await?;
+    let grace_s = body.and_then(|b| b.into_inner().grace_s);
+    if !record.state.is_terminal() {
+        if let Some(run) = state.registry.get(id) {
+            run.send(StopRun { grace_s })
+                .await
+                .map_err(|err| ApiError::internal(format!("run {id} is not reachable: {err}")))?;
+        }
+    }
+    Ok(HttpResponse::Accepted().json(load_run(&state, id).await?))
+}
+
+#[utoipa::path(
+    post, path = "/v1/runs/{id}/kill", tag = "runs",
+    params(("id" = String, Path, description = "run id")),
+    responses((status = 202, description = "kill accepted; a finished run is returned unchanged", body = RunRecord), (status = 404, body = ErrorBody))
+)]
+pub async fn kill_run(
+    _auth: ApiAuth,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_run_id(&id)?;
+    let record = load_run(&state, id).await?;
+    if !record.state.is_terminal() {
+        if let Some(run) = state.registry.get(id) {
+            run.send(KillRun {
+                reason: "kill requested through the API".into(),
+            })
+            .await
+            .map_err(|err| ApiError::internal(format!("run {id} is not reachable: {err}")))?;
+        }
+    }
+    Ok(HttpResponse::Accepted().json(load_run(&state, id).await?))
+}
+
+fn last_event_id(req: &HttpRequest) -> Result<Option<u64>, ApiError> {
+    req.headers()
+        .get("Last-Event-ID")
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| ApiError::invalid("Last-Event-ID header: not an event index"))
+        })
+        .transpose()
+}
+
+/// One server-sent event.
+fn sse_frame(index: u64, event: &str, data: &impl Serialize) -> Bytes {
+    let json = serde_json::to_string(data).unwrap_or_else(|err| {
+        serde_json::json!({"error": format!("could not encode: {err}")}).to_string()
+    });
+    Bytes::from(format!("id: {index}\nevent: {event}\ndata: {json}\n\n"))
+}
+
+fn sse_response<S>(stream: S) -> HttpResponse
+where
+    S: Stream<Item = Result<Bytes, actix_web::Error>> + 'static,
+{
+    HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, "text/event-stream"))
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(stream)
+}
+
+#[utoipa::path(
+    get, path = "/v1/runs/{id}/events", tag = "runs",
+    params(("id" = String, Path, description = "run id"), EventsQuery),
+    responses((status = 200, description = "server-sent events, each `data` a RunEvent; history first", content_type = "text/event-stream", body = actors::model::RunEvent), (status = 404, body = ErrorBody))
+)]
+pub async fn run_events(
+    _auth: ApiAuth,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    query: web::Query<EventsQuery>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_run_id(&id)?;
+    load_run(&state, id).await?;
+    let after = query.after.or(last_event_id(&req)?).unwrap_or(0);
+    let events = state.store.events(id, after, query.follow).await?;
+    let stream = events.map(|item| match item {
+        Ok(event) => {
+            let name = serde_json::to_value(&event.kind)
+                .ok()
+                .and_then(|v| v.get("event").and_then(|e| e.as_str()).map(String::from))
+                .unwrap_or_else(|| "event".into());
+            Ok(sse_frame(event.index, &name, &event))
+        }
+        Err(err) => Err(actix_web::error::ErrorServiceUnavailable(err.to_string())),
+    });
+    Ok(sse_response(stream))
+}
+
+#[utoipa::path(
+    get, path = "/v1/runs/{id}/logs", tag = "runs",
+    params(("id" = String, Path, description = "run id"), LogsQuery),
+    responses((status = 200, description = "server-sent events, each `data` a LogLine", content_type = "text/event-stream", body = actors::model::LogLine), (status = 404, body = ErrorBody))
+)]
+pub async fn run_logs(
+    _auth: ApiAuth,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    query: web::Query<LogsQuery>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_run_id(&id)?;
+    load_run(&state, id).await?;
+    let source = match query.source.as_deref() {
+        None | Some("agent") => LogSource::Agent,
+        Some("provider") => LogSource::Provider,
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "source: '{other}' is not a log source (expected agent or provider)"
+            )))
+        }
+    };
+    let after = query.after.or(last_event_id(&req)?).unwrap_or(0);
+    let lines = state.store.logs(id, source, after, query.follow).await?;
+    let stream = lines.map(|item| match item {
+        Ok(line) => Ok(sse_frame(line.index, "log", &line)),
+        Err(err) => Err(actix_web::error::ErrorServiceUnavailable(err.to_string())),
+    });
+    Ok(sse_response(stream))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body() -> CreateRun {
+        CreateRun {
+            agent: "a".into(),
+            task: "t".into(),
+            execution: None,
+            resources: None,
+            env: None,
+            timeout_s: None,
+            id: None,
+        }
+    }
+
+    #[test]
+    fn validation_names_the_bad_field() {
+        let mut b = body();
+        b.task = " ".into();
+        assert!(validate(&b).unwrap_err().message.starts_with("task:"));
+        let mut b = body();
+        b.resources = Some(Resources {
+            cpu: Some(-1.0),
+            ..Resources::default()
+        });
+        assert!(validate(&b).unwrap_err().message.starts_with("resources.cpu"));
+        let mut b = body();
+        b.env = Some(BTreeMap::from([("CODEBOLT_RUN_TOKEN".into(), "x".into())]));
+        assert!(validate(&b)
+            .unwrap_err()
+            .message
+            .contains("env.CODEBOLT_RUN_TOKEN"));
+        let mut b = body();
+        b.env = Some(BTreeMap::from([("1BAD".into(), "x".into())]));
+        assert!(validate(&b).unwrap_err().message.contains("env.1BAD"));
+        let mut b = body();
+        b.timeout_s = Some(0);
+        assert!(validate(&b).unwrap_err().message.starts_with("timeout_s"));
+        assert!(validate(&body()).is_ok());
+    }
+}
