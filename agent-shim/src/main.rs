@@ -1,6 +1,13 @@
 //! `agent-shim`: runs inside a sandbox, connects back to the control plane and runs the agent.
+//!
+//! Exit codes: 0 the agent ran and exited (with any status; the status is reported as `exited`)
+//! and everything was acknowledged; 1 internal error; 2 invalid configuration (the message names
+//! the variable); 3 the control plane was unreachable for `lost_after` (agent stopped);
+//! 4 the run token was refused (HTTP 401/403 or close 1008; agent stopped); 5 the bundle could
+//! not be fetched, verified or unpacked, or the agent could not be started.
 
 use std::collections::HashMap;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use agent_shim::shim::{self, config::Config, ShimExit, EXIT_CONFIG};
@@ -18,6 +25,7 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

@@ -424,3 +424,20 @@ printf '{"type":"message","text":"still here"}\n'
     assert_eq!(ledger.exited(), Some((Some(143), None)));
     ledger.assert_contiguous();
 }
+
+#[tokio::test]
+async fn missing_configuration_exits_2_naming_the_variable() {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_agent-shim"))
+        .env_clear()
+        .env(agent_shim::protocol::env::RUN_ID, RUN_ID)
+        .env(
+            agent_shim::protocol::env::CALLBACK_URL,
+            "http://127.0.0.1:1",
+        )
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("CODEBOLT_RUN_TOKEN"), "{stderr}");
+}

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actors::model::{EventKind, FailureKind, RunState, Termination};
@@ -119,7 +120,10 @@ async fn a_run_succeeds_with_tool_calls_served_by_the_control_plane() {
         "agent_done",
         "agent_exited",
     ] {
-        assert!(names.contains(&expected.to_string()), "missing {expected} in {names:?}");
+        assert!(
+            names.contains(&expected.to_string()),
+            "missing {expected} in {names:?}"
+        );
     }
     assert_eq!(names.last().map(String::as_str), Some("state_changed"));
     let indices: Vec<u64> = events.iter().map(|e| e.index).collect();
@@ -128,7 +132,10 @@ async fn a_run_succeeds_with_tool_calls_served_by_the_control_plane() {
         .iter()
         .filter_map(|e| match &e.kind {
             EventKind::ToolResult {
-                tool, ok, error_code, ..
+                tool,
+                ok,
+                error_code,
+                ..
             } => Some((tool.clone(), *ok, error_code.clone())),
             _ => None,
         })
@@ -139,13 +146,23 @@ async fn a_run_succeeds_with_tool_calls_served_by_the_control_plane() {
             ("fs.read_file".into(), true, None),
             ("fs.write_file".into(), true, None),
             ("no.such_tool".into(), false, Some("unknown_tool".into())),
-            ("fs.read_file".into(), false, Some("outside_workspace".into())),
+            (
+                "fs.read_file".into(),
+                false,
+                Some("outside_workspace".into())
+            ),
         ]
     );
 
     let agent_logs = server.logs(run.id, "agent").await;
-    assert!(agent_logs.contains(&"this line is not json".to_string()), "{agent_logs:?}");
-    assert!(agent_logs.contains(&"to stderr".to_string()), "{agent_logs:?}");
+    assert!(
+        agent_logs.contains(&"this line is not json".to_string()),
+        "{agent_logs:?}"
+    );
+    assert!(
+        agent_logs.contains(&"to stderr".to_string()),
+        "{agent_logs:?}"
+    );
     // The sandbox is gone.
     let pid: u32 = done.sandbox_id.unwrap().parse().unwrap();
     assert!(!pid_alive(pid));
@@ -165,7 +182,10 @@ async fn an_agent_that_exits_non_zero_fails_with_evidence() {
     assert!(!failure.hint.is_empty());
     let evidence = done.evidence.expect("evidence kept");
     assert!(
-        evidence.agent_logs.iter().any(|l| l.contains("something broke")),
+        evidence
+            .agent_logs
+            .iter()
+            .any(|l| l.contains("something broke")),
         "{evidence:?}"
     );
     server.stop().await;
@@ -177,12 +197,13 @@ async fn stop_with_grace_ends_stopped_and_a_second_stop_is_a_no_op() {
     let run = server.start_run("polite", "wait").await;
     server.wait_state(run.id, RunState::Running, WAIT).await;
     // Let the agent install its trap and say something.
-    server
-        .wait_for(run.id, |_| true, WAIT)
-        .await;
+    server.wait_for(run.id, |_| true, WAIT).await;
     wait_for_event(&server, run.id, "agent_message").await;
     let (status, body) = server
-        .post(&format!("/v1/runs/{}/stop", run.id), Some(json!({"grace_s": 5})))
+        .post(
+            &format!("/v1/runs/{}/stop", run.id),
+            Some(json!({"grace_s": 5})),
+        )
         .await;
     assert_eq!(status, 202, "{body}");
     let done = server.wait_terminal(run.id, WAIT).await;
@@ -193,10 +214,14 @@ async fn stop_with_grace_ends_stopped_and_a_second_stop_is_a_no_op() {
     assert!(names.contains(&"stop_requested".to_string()));
     assert!(names.contains(&"stop_forwarded".to_string()), "{names:?}");
 
-    let (status, body) = server.post(&format!("/v1/runs/{}/stop", run.id), None).await;
+    let (status, body) = server
+        .post(&format!("/v1/runs/{}/stop", run.id), None)
+        .await;
     assert_eq!(status, 202);
     assert_eq!(body["state"], "stopped");
-    let (status, body) = server.post(&format!("/v1/runs/{}/kill", run.id), None).await;
+    let (status, body) = server
+        .post(&format!("/v1/runs/{}/kill", run.id), None)
+        .await;
     assert_eq!(status, 202);
     assert_eq!(body["state"], "stopped");
     server.stop().await;
@@ -210,7 +235,10 @@ async fn stop_past_grace_kills_the_sandbox() {
     wait_for_event(&server, run.id, "agent_message").await;
     let agent_pid = agent_pid(&server, run.id);
     let (status, _) = server
-        .post(&format!("/v1/runs/{}/stop", run.id), Some(json!({"grace_s": 1})))
+        .post(
+            &format!("/v1/runs/{}/stop", run.id),
+            Some(json!({"grace_s": 1})),
+        )
         .await;
     assert_eq!(status, 202);
     let done = server.wait_terminal(run.id, WAIT).await;
@@ -229,7 +257,9 @@ async fn kill_is_immediate() {
     server.wait_state(run.id, RunState::Running, WAIT).await;
     wait_for_event(&server, run.id, "agent_message").await;
     let agent_pid = agent_pid(&server, run.id);
-    let (status, _) = server.post(&format!("/v1/runs/{}/kill", run.id), None).await;
+    let (status, _) = server
+        .post(&format!("/v1/runs/{}/kill", run.id), None)
+        .await;
     assert_eq!(status, 202);
     let done = server.wait_terminal(run.id, Duration::from_secs(5)).await;
     assert_eq!(done.state, RunState::Killed);
@@ -268,11 +298,16 @@ async fn ws_connect(
     server: &TestServer,
     token: &str,
 ) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
-    let url = server.url("/v1/sandbox/connect").replace("http://", "ws://");
+    let url = server
+        .url("/v1/sandbox/connect")
+        .replace("http://", "ws://");
     let mut req = url.into_client_request().unwrap();
     req.headers_mut()
         .insert("Authorization", format!("Bearer {token}").parse().unwrap());
-    tokio_tungstenite::connect_async(req).await.expect("ws connect").0
+    tokio_tungstenite::connect_async(req)
+        .await
+        .expect("ws connect")
+        .0
 }
 
 fn hello(run_id: &str) -> Message {
@@ -283,7 +318,9 @@ fn hello(run_id: &str) -> Message {
 
 /// Next close frame's code and reason (skipping other frames).
 async fn close_of(
-    ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    ws: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
 ) -> (u16, String) {
     let deadline = Duration::from_secs(10);
     tokio::time::timeout(deadline, async {
@@ -353,5 +390,379 @@ async fn tokens_are_refused_for_another_run_and_after_the_end() {
     assert_eq!(code, 1008);
     assert!(reason.contains("ended"), "{reason}");
     server.post(&format!("/v1/runs/{}/kill", b.id), None).await;
+    server.stop().await;
+}
+
+/// A server whose sandboxes call back through a proxy the test can cut.
+async fn server_behind_proxy(lost_after: Duration) -> (TestServer, Proxy) {
+    let upstream = Arc::new(Mutex::new(None));
+    let proxy = Proxy::start(upstream.clone()).await;
+    let mut timeouts = common::fast_timeouts();
+    timeouts.lost_after = lost_after;
+    let server = TestServer::start_with(
+        workspace(),
+        ServerSetup {
+            timeouts,
+            public_url: Some(format!("http://{}", proxy.addr)),
+            ..ServerSetup::default()
+        },
+    )
+    .await;
+    *upstream.lock().unwrap() = server.server.as_ref().map(|s| s.local_addr);
+    (server, proxy)
+}
+
+#[actix_rt::test]
+async fn a_dropped_connection_is_resumed_with_nothing_lost_or_duplicated() {
+    let (server, proxy) = server_behind_proxy(Duration::from_secs(10)).await;
+    let run = server.start_run("counting", "count").await;
+    server.wait_state(run.id, RunState::Running, WAIT).await;
+    // Cut every connection a few times while the agent talks.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        proxy.cut();
+    }
+    let done = server.wait_terminal(run.id, WAIT).await;
+    assert_eq!(done.state, RunState::Succeeded, "{:?}", done.failure);
+    let events = server.events(run.id).await;
+    let messages: Vec<String> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::AgentMessage { text } => Some(text.clone()),
+            _ => None,
+        })
+        .collect();
+    let expected: Vec<String> = (1..=40).map(|i| format!("m{i}")).collect();
+    assert_eq!(messages, expected);
+    let connects = events
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::ShimConnected { resumed: true, .. }))
+        .count();
+    assert!(
+        connects >= 1,
+        "the shim never resumed: {:?}",
+        kinds(&events)
+    );
+    let tool_results = events
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::ToolResult { .. }))
+        .count();
+    assert_eq!(tool_results, 1);
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_shim_that_loses_the_control_plane_stops_its_agent_and_the_run_is_connection_lost() {
+    let (server, proxy) = server_behind_proxy(Duration::from_secs(2)).await;
+    let run = server.start_run("stubborn", "never stop").await;
+    server.wait_state(run.id, RunState::Running, WAIT).await;
+    wait_for_event(&server, run.id, "agent_message").await;
+    let agent = agent_pid(&server, run.id);
+    let record = server.get(run.id).await;
+    let shim: u32 = record.sandbox_id.unwrap().parse().unwrap();
+    proxy.refuse(true);
+    proxy.cut();
+    // The shim gives up after lost_after (2 s) and takes its agent with it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while pid_alive(shim) || pid_alive(agent) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "shim or agent still running"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let done = server.wait_terminal(run.id, WAIT).await;
+    assert_eq!(done.state, RunState::Failed);
+    let kind = done.failure.unwrap().kind;
+    assert!(
+        kind == FailureKind::ConnectionLost,
+        "expected connection_lost, got {kind}"
+    );
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn malformed_and_oversized_frames_get_protocol_errors_not_a_crash() {
+    let server = TestServer::start(workspace()).await;
+    let run = server.start_run("stubborn", "x").await;
+    let record = server.wait_state(run.id, RunState::Running, WAIT).await;
+    let token = server.token_of(&record);
+    // Freeze the real shim so this test's client can take over the run's connection.
+    let shim = nix::unistd::Pid::from_raw(record.sandbox_id.unwrap().parse().unwrap());
+    nix::sys::signal::kill(shim, nix::sys::signal::Signal::SIGSTOP).unwrap();
+
+    let mut ws = ws_connect(&server, &token).await;
+    ws.send(Message::Text(
+        json!({"type":"hello","run_id":run.id.to_string(),"protocol_version":1,"host":"t","resume_from":0})
+            .to_string(),
+    ))
+    .await
+    .unwrap();
+    let welcome = next_json(&mut ws).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    assert_eq!(welcome["start_agent"], false);
+
+    ws.send(Message::Text("{not json".into())).await.unwrap();
+    let err = next_json(&mut ws).await;
+    assert_eq!(err["type"], "error");
+    assert_eq!(err["code"], "malformed_frame");
+    assert_eq!(err["fatal"], false);
+    ws.send(Message::Text(r#"{"type":"warp_drive"}"#.into()))
+        .await
+        .unwrap();
+    let err = next_json(&mut ws).await;
+    assert!(
+        err["message"].as_str().unwrap().contains("warp_drive"),
+        "{err}"
+    );
+
+    // The connection still works: a heartbeat is accepted, a sequenced frame acked.
+    let last = welcome["last_acked"].as_u64().unwrap();
+    ws.send(Message::Text(
+        json!({"type":"log","seq":last + 1,"stream":"stdout","line":"from the test"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let ack = next_json(&mut ws).await;
+    assert_eq!(ack, json!({"type":"ack","seq":last + 1}));
+
+    // A frame over the limit closes the connection with 1009.
+    let big = "x".repeat(agent_shim::protocol::MAX_FRAME_BYTES + 10);
+    ws.send(Message::Text(big)).await.unwrap();
+    let (code, reason) = close_of(&mut ws).await;
+    assert_eq!(code, 1009, "{reason}");
+
+    // The server still serves the run; kill it and release the shim.
+    assert_eq!(server.get(run.id).await.state, RunState::Running);
+    server
+        .post(&format!("/v1/runs/{}/kill", run.id), None)
+        .await;
+    nix::sys::signal::kill(shim, nix::sys::signal::Signal::SIGCONT).ok();
+    let done = server.wait_terminal(run.id, WAIT).await;
+    assert_eq!(done.state, RunState::Killed);
+    assert!(server
+        .logs(run.id, "agent")
+        .await
+        .contains(&"from the test".to_string()));
+    server.stop().await;
+}
+
+async fn next_json(
+    ws: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+) -> Value {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) => return serde_json::from_str(&text).unwrap(),
+                Some(Ok(_)) => continue,
+                other => panic!("expected a frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("frame in time")
+}
+
+#[actix_rt::test]
+async fn a_retried_create_returns_the_same_run_and_one_sandbox() {
+    let server = TestServer::start(workspace()).await;
+    let body = json!({"agent": "good", "task": "once"});
+    let send = |key: &'static str| {
+        let req = server
+            .http
+            .post(server.url("/v1/runs"))
+            .header("Idempotency-Key", key)
+            .json(&body);
+        async move {
+            let res = req.send().await.unwrap();
+            (res.status().as_u16(), res.json::<Value>().await.unwrap())
+        }
+    };
+    let (first_status, first) = send("key-1").await;
+    let (second_status, second) = send("key-1").await;
+    assert_eq!(first_status, 201);
+    assert_eq!(second_status, 200);
+    assert_eq!(first["id"], second["id"]);
+    // Same key, different request: refused.
+    let res = server
+        .http
+        .post(server.url("/v1/runs"))
+        .header("Idempotency-Key", "key-1")
+        .json(&json!({"agent": "good", "task": "something else"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 409);
+
+    // A client-chosen id works the same way.
+    let id = uuid::Uuid::new_v4();
+    let (s1, b1) = server
+        .create(json!({"agent": "good", "task": "t", "id": id}))
+        .await;
+    let (s2, b2) = server
+        .create(json!({"agent": "good", "task": "t", "id": id}))
+        .await;
+    assert_eq!((s1, s2), (201, 200));
+    assert_eq!(b1["id"], b2["id"]);
+
+    let list: Value = server
+        .http
+        .get(server.url("/v1/runs?agent=good"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["runs"].as_array().unwrap().len(), 2, "{list}");
+    for run in list["runs"].as_array().unwrap() {
+        let id: uuid::Uuid = run["id"].as_str().unwrap().parse().unwrap();
+        let done = server.wait_terminal(id, WAIT).await;
+        assert_eq!(done.state, RunState::Succeeded);
+        let sandboxes = kinds(&server.events(id).await)
+            .iter()
+            .filter(|k| *k == "sandbox_created")
+            .count();
+        assert_eq!(sandboxes, 1);
+    }
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_sandbox_that_never_calls_back_fails_unreachable_callback_with_a_hint() {
+    // A "shim" that starts and never connects.
+    let dir = tempfile::tempdir().unwrap();
+    let silent = dir.path().join("silent-shim");
+    std::fs::write(
+        &silent,
+        "#!/bin/sh\necho 'cannot reach anything' >&2\nexec sleep 60\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&silent, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let mut timeouts = common::fast_timeouts();
+    timeouts.startup = Duration::from_secs(1);
+    let server = TestServer::start_with(
+        workspace(),
+        ServerSetup {
+            timeouts,
+            extra_providers: format!(
+                "  blackhole:\n    kind: local\n    shim_path: {}\n    work_root: {}\n",
+                silent.display(),
+                work.path().display()
+            ),
+            ..ServerSetup::default()
+        },
+    )
+    .await;
+    let (status, body) = server
+        .create(json!({"agent": "good", "task": "t", "execution": "blackhole"}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let id: uuid::Uuid = body["id"].as_str().unwrap().parse().unwrap();
+    let done = server.wait_terminal(id, WAIT).await;
+    assert_eq!(done.state, RunState::Failed);
+    let failure = done.failure.unwrap();
+    assert_eq!(failure.kind, FailureKind::UnreachableCallback);
+    assert!(failure.hint.contains("callback URL"), "{}", failure.hint);
+    let evidence = done.evidence.unwrap();
+    assert!(
+        evidence
+            .provider_logs
+            .iter()
+            .any(|l| l.contains("cannot reach anything")),
+        "{evidence:?}"
+    );
+    // The sandbox was removed.
+    let pid: u32 = done.sandbox_id.unwrap().parse().unwrap();
+    assert!(!pid_alive(pid));
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn bad_requests_get_clear_errors() {
+    let server = TestServer::start(workspace()).await;
+    let cases = [
+        (json!({"agent": "good"}), 400, "task"),
+        (
+            json!({"agent": "good", "task": "t", "colour": "red"}),
+            400,
+            "colour",
+        ),
+        (json!({"agent": "nobody", "task": "t"}), 422, "nobody"),
+        (json!({"agent": "../etc", "task": "t"}), 400, "agent"),
+        (
+            json!({"agent": "good", "task": "t", "execution": "mars"}),
+            422,
+            "mars",
+        ),
+        (
+            json!({"agent": "good", "task": "t", "resources": {"cpu": 0}}),
+            400,
+            "resources.cpu",
+        ),
+        (
+            json!({"agent": "good", "task": "t", "resources": {"disk": 1}}),
+            400,
+            "disk",
+        ),
+    ];
+    for (body, status, needle) in cases {
+        let (got, err) = server.create(body.clone()).await;
+        assert_eq!(got, status, "{body} → {err}");
+        let message = err["error"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{body}: {message}");
+        assert!(err["error"]["code"].is_string());
+    }
+    let res = server
+        .http
+        .get(server.url(&format!("/v1/runs/{}", uuid::Uuid::new_v4())))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    let res = server
+        .http
+        .get(server.url("/v1/runs/not-a-uuid"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let res = server
+        .http
+        .get(server.url("/v1/runs?state=bogus"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let (status, _) = server
+        .post(&format!("/v1/runs/{}/stop", uuid::Uuid::new_v4()), None)
+        .await;
+    assert_eq!(status, 404);
+
+    let doc: Value = server
+        .http
+        .get(server.url("/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(doc["paths"]["/v1/runs"]["post"].is_object());
+    assert!(doc["components"]["schemas"]["RunRecord"].is_object());
+    let providers: Value = server
+        .http
+        .get(server.url("/v1/providers"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(providers["providers"][0]["name"], "local");
+    assert_eq!(providers["providers"][0]["healthy"], true);
     server.stop().await;
 }

@@ -18,7 +18,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::pin::Pin;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use nix::sys::signal::Signal;
 use rand::Rng;
 use tokio::sync::mpsc;
@@ -53,7 +53,7 @@ const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 const MIN_HEARTBEAT: Duration = Duration::from_millis(50);
 /// A connection on which nothing (not even a pong) arrived for this many heartbeats is dead.
 const DEAD_AFTER_HEARTBEATS: u32 = 3;
-const MIN_DEAD_AFTER: Duration = Duration::from_secs(1);
+const MIN_DEAD_AFTER: Duration = Duration::from_secs(3);
 /// After the agent exits, how long to wait for the rest of its output before reporting the exit.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 
@@ -255,7 +255,7 @@ impl Shim {
             Event::Connected(result) => return self.on_connected(*result).await,
             Event::RetryDue => self.start_connecting(),
             Event::Frame(frame) => return self.on_frame(frame).await,
-            Event::Heartbeat => self.on_heartbeat().await,
+            Event::Heartbeat => return self.on_heartbeat().await,
             Event::Prepared(result) => return self.on_prepared(result).await,
             Event::AgentExited(status) => self.on_agent_exit(status).await,
             Event::Output(Some(line)) => self.on_output(line).await,
@@ -491,11 +491,17 @@ impl Shim {
         }
     }
 
-    async fn on_heartbeat(&mut self) {
+    async fn on_heartbeat(&mut self) -> Option<ShimExit> {
         let dead_after = (self.heartbeat_every * DEAD_AFTER_HEARTBEATS).max(MIN_DEAD_AFTER);
         if self.last_heard.elapsed() > dead_after {
-            self.disconnected("no frame from the control plane (not even a pong)");
-            return;
+            // Frames may be waiting while the shim was busy sending: look before giving up.
+            match self.ws.as_mut().and_then(|ws| ws.next().now_or_never()) {
+                Some(frame) => return self.on_frame(frame).await,
+                None => {
+                    self.disconnected("no frame from the control plane (not even a pong)");
+                    return None;
+                }
+            }
         }
         let at_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -506,6 +512,7 @@ impl Shim {
                 self.send_frame(Message::Ping(Vec::new())).await;
             }
         }
+        None
     }
 
     /// Sends a frame if connected; a failure drops the connection (the outbox keeps the data).
@@ -567,7 +574,11 @@ impl Shim {
         let closing = async {
             ws.close(Some(frame)).await?;
             // Wait for the server's close reply so the close is clean.
-            while ws.next().await.is_some() {}
+            while let Some(frame) = ws.next().await {
+                if matches!(frame?, Message::Close(_)) {
+                    break;
+                }
+            }
             Ok::<(), tungstenite::Error>(())
         };
         match timeout(CLOSE_TIMEOUT, closing).await {

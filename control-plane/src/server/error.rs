@@ -139,7 +139,10 @@ mod tests {
             ErrorCode::Internal,
         ] {
             let status = code.status();
-            assert!(status.is_client_error() || status.is_server_error(), "{code:?}");
+            assert!(
+                status.is_client_error() || status.is_server_error(),
+                "{code:?}"
+            );
         }
     }
 

@@ -12,9 +12,13 @@ use std::time::Duration;
 
 use actix::Actor;
 use actix_web::{web, App, HttpServer};
-use actors::provider::local::{default_shim_path, LocalConfig as LocalProviderConfig, LocalProvider};
+use actors::provider::local::{
+    default_shim_path, LocalConfig as LocalProviderConfig, LocalProvider,
+};
 use actors::provider::{Provider, ProviderError};
-use actors::router::{CostRates, ProviderFactory, ProviderRouter, ProviderSpec, SupervisorSettings};
+use actors::router::{
+    CostRates, ProviderFactory, ProviderRouter, ProviderSpec, SupervisorSettings,
+};
 use actors::run::{RunDeps, RunRegistry, RunSettings, RunTimeouts};
 use actors::store::memory::MemoryStore;
 use actors::store::RunStore;
@@ -126,7 +130,11 @@ fn provider_factory(
                 .shim_path
                 .clone()
                 .or_else(|| env.get("CODEBOLT_SHIM_PATH").map(PathBuf::from))
-                .or_else(|| std::env::current_exe().ok().map(|exe| default_shim_path(&exe)))
+                .or_else(|| {
+                    std::env::current_exe()
+                        .ok()
+                        .map(|exe| default_shim_path(&exe))
+                })
                 .unwrap_or_else(|| PathBuf::from("agent-shim"));
             let work_root = local
                 .work_root
@@ -137,7 +145,9 @@ fn provider_factory(
                 work_root,
                 poll_interval: Duration::from_millis(250),
             };
-            Arc::new(move || Ok(Arc::new(LocalProvider::new(settings.clone())) as Arc<dyn Provider>))
+            Arc::new(
+                move || Ok(Arc::new(LocalProvider::new(settings.clone())) as Arc<dyn Provider>),
+            )
         }
         other => {
             let kind = other.kind().to_string();
@@ -258,13 +268,10 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
         api_tokens,
     });
 
-    let mut server = HttpServer::new(move || {
-        App::new()
-            .app_data(state.clone())
-            .configure(api::routes)
-    })
-    .listen(listener)?
-    .shutdown_timeout(5);
+    let mut server =
+        HttpServer::new(move || App::new().app_data(state.clone()).configure(api::routes))
+            .listen(listener)?
+            .shutdown_timeout(5);
     if let Some(workers) = options.workers {
         server = server.workers(workers);
     }

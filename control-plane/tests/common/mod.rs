@@ -51,8 +51,11 @@ pub struct Workspace {
 impl Workspace {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("README.md"), "# test workspace\nhello TODO world\n")
-            .expect("write README");
+        std::fs::write(
+            dir.path().join("README.md"),
+            "# test workspace\nhello TODO world\n",
+        )
+        .expect("write README");
         Workspace { dir }
     }
 
@@ -180,7 +183,12 @@ impl TestServer {
     }
 
     /// Polls until the run is in `state` (or any terminal state when asked for one).
-    pub async fn wait_for(&self, id: uuid::Uuid, pred: impl Fn(&RunRecord) -> bool, within: Duration) -> RunRecord {
+    pub async fn wait_for(
+        &self,
+        id: uuid::Uuid,
+        pred: impl Fn(&RunRecord) -> bool,
+        within: Duration,
+    ) -> RunRecord {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let record = self.get(id).await;
@@ -246,10 +254,13 @@ impl TestServer {
             .split(|b| *b == 0)
             .filter_map(|kv| {
                 let kv = String::from_utf8_lossy(kv);
-                kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
             })
             .collect();
-        vars.get("CODEBOLT_RUN_TOKEN").expect("token in shim env").clone()
+        vars.get("CODEBOLT_RUN_TOKEN")
+            .expect("token in shim env")
+            .clone()
     }
 
     pub async fn stop(mut self) {

@@ -12,21 +12,25 @@ use crate::server::error::ApiError;
 
 /// Every route of the API and the sandbox endpoints.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.app_data(web::JsonConfig::default().limit(2 * 1024 * 1024).error_handler(
-        |err, _| {
-            let message = match &err {
-                error::JsonPayloadError::Deserialize(inner) => format!("request body: {inner}"),
-                other => format!("request body: {other}"),
-            };
-            ApiError::invalid(message).into()
-        },
-    ))
-    .app_data(web::QueryConfig::default().error_handler(|err, _| {
-        ApiError::invalid(format!("query: {err}")).into()
-    }))
-    .app_data(web::PathConfig::default().error_handler(|err, _| {
-        ApiError::invalid(format!("path: {err}")).into()
-    }))
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(2 * 1024 * 1024)
+            .error_handler(|err, _| {
+                let message = match &err {
+                    error::JsonPayloadError::Deserialize(inner) => format!("request body: {inner}"),
+                    other => format!("request body: {other}"),
+                };
+                ApiError::invalid(message).into()
+            }),
+    )
+    .app_data(
+        web::QueryConfig::default()
+            .error_handler(|err, _| ApiError::invalid(format!("query: {err}")).into()),
+    )
+    .app_data(
+        web::PathConfig::default()
+            .error_handler(|err, _| ApiError::invalid(format!("path: {err}")).into()),
+    )
     .route("/healthz", web::get().to(providers::healthz))
     .route("/readyz", web::get().to(providers::readyz))
     .route("/metrics", web::get().to(providers::metrics))

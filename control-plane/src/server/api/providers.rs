@@ -54,7 +54,9 @@ pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
     out.push_str("# HELP codebolt_runs_active Runs with a live run actor on this replica.\n");
     out.push_str("# TYPE codebolt_runs_active gauge\n");
     out.push_str(&format!("codebolt_runs_active {}\n", state.registry.len()));
-    out.push_str("# HELP codebolt_provider_healthy Whether a provider is healthy (1) or not (0).\n");
+    out.push_str(
+        "# HELP codebolt_provider_healthy Whether a provider is healthy (1) or not (0).\n",
+    );
     out.push_str("# TYPE codebolt_provider_healthy gauge\n");
     for p in &providers {
         out.push_str(&format!(
@@ -72,7 +74,9 @@ pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
             p.name, p.restarts
         ));
     }
-    out.push_str("# HELP codebolt_provider_active_runs Sandboxes a provider holds for live runs.\n");
+    out.push_str(
+        "# HELP codebolt_provider_active_runs Sandboxes a provider holds for live runs.\n",
+    );
     out.push_str("# TYPE codebolt_provider_active_runs gauge\n");
     for p in &providers {
         out.push_str(&format!(

@@ -138,9 +138,7 @@ fn validate(body: &CreateRun) -> Result<(), ApiError> {
     }
     for name in body.env.iter().flat_map(|env| env.keys()) {
         let valid = !name.is_empty()
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
             && !name.starts_with(|c: char| c.is_ascii_digit());
         if !valid {
             return Err(ApiError::invalid(format!(
@@ -209,6 +207,8 @@ pub async fn create_run(
     req: HttpRequest,
     body: web::Json<CreateRun>,
 ) -> Result<HttpResponse, ApiError> {
+    // The run's `pending` time is when its request arrived.
+    let received = Utc::now();
     let body = body.into_inner();
     validate(&body)?;
     let key = idempotency_key(&req)?;
@@ -277,7 +277,7 @@ pub async fn create_run(
     let traceparent = format!("00-{trace_id}-{}-01", random_hex(8));
     let mut env = manifest.env.clone();
     env.extend(body.env.clone().unwrap_or_default());
-    let now = Utc::now();
+    let now = received;
     let record = RunRecord {
         id,
         agent: body.agent.clone(),
@@ -549,7 +549,10 @@ mod tests {
             cpu: Some(-1.0),
             ..Resources::default()
         });
-        assert!(validate(&b).unwrap_err().message.starts_with("resources.cpu"));
+        assert!(validate(&b)
+            .unwrap_err()
+            .message
+            .starts_with("resources.cpu"));
         let mut b = body();
         b.env = Some(BTreeMap::from([("CODEBOLT_RUN_TOKEN".into(), "x".into())]));
         assert!(validate(&b)
