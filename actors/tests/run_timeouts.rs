@@ -1,0 +1,566 @@
+//! Each timeout of a run, with its own terminal reason, driven by a paused clock: the run actor
+//! with a scripted provider and a scripted connection, no sockets and no processes.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ::actors::model::{FailureKind, Resources, RunRecord, RunState, Termination, Usage};
+use ::actors::provider::{
+    LogStream, Provider, ProviderError, ProviderHealth, SandboxExit, SandboxHandle, SandboxInfo,
+    SpawnRequest,
+};
+use ::actors::router::{
+    CostRates, ListProviders, ProviderRouter, ProviderSpec, SpawnSandbox, SupervisorSettings,
+};
+use ::actors::run::messages::{ShimFrame, ShimGone, ShimHello};
+use ::actors::run::{RunActor, RunDeps, RunRegistry, RunSettings, RunSpec, RunTimeouts};
+use ::actors::sandbox_connection::messages::ToShim;
+use ::actors::store::memory::MemoryStore;
+use ::actors::store::RunStore;
+use ::actors::tools::{ToolFailure, ToolHost};
+use actix::prelude::*;
+use agent_shim::protocol::{BundleInfo, ServerMessage, ShimMessage};
+use async_trait::async_trait;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+/// How the scripted provider's spawn behaves.
+#[derive(Clone, Copy)]
+enum SpawnMode {
+    Succeed,
+    Hang,
+    Panic,
+}
+
+struct ScriptedProvider {
+    mode: Arc<Mutex<SpawnMode>>,
+    kills: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Provider for ScriptedProvider {
+    fn kind(&self) -> &'static str {
+        "scripted"
+    }
+    async fn spawn(&self, request: SpawnRequest) -> Result<SandboxHandle, ProviderError> {
+        let mode = *self.mode.lock().unwrap();
+        match mode {
+            SpawnMode::Succeed => Ok(SandboxHandle {
+                id: request.run_id.to_string(),
+                remote_host: "scripted-host".into(),
+            }),
+            SpawnMode::Hang => std::future::pending().await,
+            SpawnMode::Panic => panic!("backend blew up"),
+        }
+    }
+    async fn wait(&self, _: &SandboxHandle) -> Result<SandboxExit, ProviderError> {
+        std::future::pending().await
+    }
+    async fn stop(&self, _: &SandboxHandle) -> Result<(), ProviderError> {
+        Ok(())
+    }
+    async fn kill(&self, _: &SandboxHandle) -> Result<(), ProviderError> {
+        self.kills.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    async fn logs(&self, _: &SandboxHandle, _: bool) -> Result<LogStream, ProviderError> {
+        Ok(Box::pin(futures_util::stream::empty()))
+    }
+    async fn usage(&self, _: &SandboxHandle) -> Result<Option<Usage>, ProviderError> {
+        Ok(None)
+    }
+    async fn list(&self, _: &BTreeMap<String, String>) -> Result<Vec<SandboxInfo>, ProviderError> {
+        Ok(vec![])
+    }
+    async fn health(&self) -> ProviderHealth {
+        ProviderHealth {
+            healthy: true,
+            message: None,
+        }
+    }
+}
+
+/// `slow` never finishes; anything else echoes its arguments.
+struct ScriptedTools;
+
+#[async_trait]
+impl ToolHost for ScriptedTools {
+    async fn call(&self, _: Uuid, tool: &str, args: Value) -> Result<Value, ToolFailure> {
+        if tool == "slow" {
+            std::future::pending::<()>().await;
+        }
+        Ok(args)
+    }
+    fn tools(&self) -> Vec<&'static str> {
+        vec!["slow", "echo"]
+    }
+}
+
+/// Collects what the run sends to its shim.
+struct Inbox(Arc<Mutex<Vec<ToShim>>>);
+
+impl Actor for Inbox {
+    type Context = Context<Self>;
+}
+
+impl Handler<ToShim> for Inbox {
+    type Result = ();
+    fn handle(&mut self, msg: ToShim, _: &mut Context<Self>) {
+        self.0.lock().unwrap().push(msg);
+    }
+}
+
+fn timeouts() -> RunTimeouts {
+    RunTimeouts {
+        startup: Duration::from_secs(60),
+        tool_call: Duration::from_secs(30),
+        idle: Duration::from_secs(300),
+        run_ttl: None,
+        stop_grace: Duration::from_secs(10),
+        lost_after: Duration::from_secs(60),
+        heartbeat_interval: Duration::from_secs(5),
+        token_max_lifetime: Duration::from_secs(3600),
+    }
+}
+
+struct Harness {
+    store: Arc<MemoryStore>,
+    deps: RunDeps,
+    mode: Arc<Mutex<SpawnMode>>,
+    kills: Arc<AtomicUsize>,
+    router: Addr<ProviderRouter>,
+}
+
+fn harness(mode: SpawnMode) -> Harness {
+    let store = Arc::new(MemoryStore::new());
+    let mode = Arc::new(Mutex::new(mode));
+    let kills = Arc::new(AtomicUsize::new(0));
+    let (m, k) = (mode.clone(), kills.clone());
+    let spec = ProviderSpec {
+        name: "scripted".into(),
+        kind: "scripted".into(),
+        factory: Arc::new(move || {
+            Ok(Arc::new(ScriptedProvider {
+                mode: m.clone(),
+                kills: k.clone(),
+            }) as Arc<dyn Provider>)
+        }),
+        default_resources: Resources::default(),
+        max_concurrent_runs: None,
+        cost: CostRates::default(),
+    };
+    let router = ProviderRouter::new(
+        vec![spec],
+        SupervisorSettings {
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            health_interval: Duration::from_secs(3600),
+        },
+    )
+    .start();
+    let deps = RunDeps {
+        store: store.clone(),
+        tools: Arc::new(ScriptedTools),
+        router: router.clone(),
+        registry: RunRegistry::default(),
+        settings: Arc::new(RunSettings {
+            timeouts: timeouts(),
+            callback_url: "http://127.0.0.1:1".into(),
+            cluster_id: "test".into(),
+            evidence_lines: 10,
+        }),
+    };
+    Harness {
+        store,
+        deps,
+        mode,
+        kills,
+        router,
+    }
+}
+
+impl Harness {
+    async fn launch(&self, timeout_s: Option<u64>) -> (Uuid, Addr<RunActor>) {
+        let id = Uuid::new_v4();
+        let now = chrono::Utc::now();
+        let record = RunRecord {
+            id,
+            agent: "a".into(),
+            task: "t".into(),
+            provider: "scripted".into(),
+            state: RunState::Pending,
+            remote_host: None,
+            sandbox_id: None,
+            created_at: now,
+            state_times: BTreeMap::from([(RunState::Pending, now)]),
+            exit_code: None,
+            failure: None,
+            termination: None,
+            resources: Resources::default(),
+            usage: Usage::default(),
+            cost_estimate: None,
+            trace_id: "0".repeat(32),
+            owner: "test".into(),
+            timeout_s,
+            result: None,
+            evidence: None,
+            env_names: vec![],
+        };
+        self.store.create_run(&record, None).await.unwrap();
+        let addr = RunActor::launch(
+            RunSpec {
+                record,
+                image: None,
+                bundle: BundleInfo {
+                    url: "http://127.0.0.1:1/bundle".into(),
+                    sha256: "0".repeat(64),
+                    size: 0,
+                    command: "true".into(),
+                },
+                env: BTreeMap::new(),
+                traceparent: format!("00-{}-{}-01", "0".repeat(32), "0".repeat(16)),
+            },
+            self.deps.clone(),
+        );
+        (id, addr)
+    }
+
+    async fn state(&self, id: Uuid) -> RunRecord {
+        self.store.get_run(id).await.unwrap().unwrap()
+    }
+
+    /// Advances the paused clock in small steps until the run is in `state`.
+    async fn advance_until(&self, id: Uuid, state: RunState, at_most: Duration) -> RunRecord {
+        let step = Duration::from_millis(500);
+        let mut waited = Duration::ZERO;
+        loop {
+            let record = self.state(id).await;
+            if record.state == state {
+                return record;
+            }
+            assert!(
+                waited <= at_most,
+                "run not {state} after {waited:?}: {} {:?}",
+                record.state,
+                record.failure
+            );
+            tokio::time::sleep(step).await;
+            waited += step;
+        }
+    }
+}
+
+async fn connect(run: &Addr<RunActor>, conn_id: u64) -> Arc<Mutex<Vec<ToShim>>> {
+    let inbox = Arc::new(Mutex::new(Vec::new()));
+    let addr = Inbox(inbox.clone()).start();
+    run.send(ShimHello {
+        conn_id,
+        conn: addr.recipient(),
+        host: "sandbox".into(),
+        resume_from: None,
+        pending_calls: vec![],
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    inbox
+}
+
+#[actix_rt::test]
+async fn startup_timeout_when_the_sandbox_is_never_created() {
+    tokio::time::pause();
+    let h = harness(SpawnMode::Hang);
+    let (id, _) = h.launch(None).await;
+    let record = h
+        .advance_until(id, RunState::Failed, Duration::from_secs(61))
+        .await;
+    let failure = record.failure.unwrap();
+    assert_eq!(failure.kind, FailureKind::StartupTimeout);
+    assert!(failure.hint.contains("startup timeout"), "{}", failure.hint);
+}
+
+#[actix_rt::test]
+async fn unreachable_callback_when_the_sandbox_never_connects() {
+    tokio::time::pause();
+    let h = harness(SpawnMode::Succeed);
+    let (id, _) = h.launch(None).await;
+    h.advance_until(id, RunState::Starting, Duration::from_secs(1))
+        .await;
+    let record = h
+        .advance_until(id, RunState::Failed, Duration::from_secs(61))
+        .await;
+    assert_eq!(
+        record.failure.unwrap().kind,
+        FailureKind::UnreachableCallback
+    );
+    assert_eq!(h.kills.load(Ordering::SeqCst), 1, "sandbox removed");
+}
+
+#[actix_rt::test]
+async fn idle_timeout_stops_then_fails_idle_timeout() {
+    tokio::time::pause();
+    let h = harness(SpawnMode::Succeed);
+    let (id, run) = h.launch(None).await;
+    h.advance_until(id, RunState::Starting, Duration::from_secs(1))
+        .await;
+    let inbox = connect(&run, 1).await;
+    h.advance_until(id, RunState::Running, Duration::from_secs(1))
+        .await;
+    // Activity at 200 s pushes the idle deadline out: still running at 400 s.
+    tokio::time::sleep(Duration::from_secs(200)).await;
+    run.send(ShimFrame {
+        conn_id: 1,
+        message: ShimMessage::Log {
+            seq: 1,
+            stream: agent_shim::protocol::LogStream::Stdout,
+            line: "busy".into(),
+        },
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(200)).await;
+    assert_eq!(h.state(id).await.state, RunState::Running);
+    // Nothing since: the idle deadline (300 s after the last activity) passes.
+    let record = h
+        .advance_until(id, RunState::Stopping, Duration::from_secs(120))
+        .await;
+    assert_eq!(record.state, RunState::Stopping);
+    assert!(inbox
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|m| matches!(m, ToShim::Frame(ServerMessage::Stop { .. }))));
+    // The agent ignores the stop: killed after the grace period, failed with idle_timeout.
+    let record = h
+        .advance_until(id, RunState::Failed, Duration::from_secs(11))
+        .await;
+    assert_eq!(record.failure.unwrap().kind, FailureKind::IdleTimeout);
+    assert_eq!(h.kills.load(Ordering::SeqCst), 1);
+}
+
+#[actix_rt::test]
+async fn run_ttl_is_not_reset_by_activity() {
+    tokio::time::pause();
+    let h = harness(SpawnMode::Succeed);
+    let (id, run) = h.launch(Some(30)).await;
+    h.advance_until(id, RunState::Starting, Duration::from_secs(1))
+        .await;
+    connect(&run, 1).await;
+    for seq in 1..=5 {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        run.send(ShimFrame {
+            conn_id: 1,
+            message: ShimMessage::Log {
+                seq,
+                stream: agent_shim::protocol::LogStream::Stdout,
+                line: "working".into(),
+            },
+        })
+        .await
+        .unwrap();
+    }
+    h.advance_until(id, RunState::Stopping, Duration::from_secs(10))
+        .await;
+    // The agent exits on the stop: the run still fails, with its own reason.
+    run.send(ShimFrame {
+        conn_id: 1,
+        message: ShimMessage::Exited {
+            seq: 6,
+            code: Some(143),
+            signal: None,
+        },
+    })
+    .await
+    .unwrap();
+    let record = h
+        .advance_until(id, RunState::Failed, Duration::from_secs(2))
+        .await;
+    assert_eq!(record.failure.unwrap().kind, FailureKind::RunTimeout);
+    assert_eq!(record.exit_code, Some(143));
+}
+
+#[actix_rt::test]
+async fn a_tool_call_timeout_answers_the_agent_and_the_run_goes_on() {
+    tokio::time::pause();
+    let h = harness(SpawnMode::Succeed);
+    let (id, run) = h.launch(None).await;
+    h.advance_until(id, RunState::Starting, Duration::from_secs(1))
+        .await;
+    let inbox = connect(&run, 1).await;
+    run.send(ShimFrame {
+        conn_id: 1,
+        message: ShimMessage::ToolCall {
+            seq: 1,
+            call_id: "c1".into(),
+            tool: "slow".into(),
+            args: json!({}),
+        },
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    let answered = inbox.lock().unwrap().iter().find_map(|m| match m {
+        ToShim::Frame(ServerMessage::ToolResult {
+            call_id, ok, error, ..
+        }) if call_id == "c1" => Some((*ok, error.clone())),
+        _ => None,
+    });
+    let (ok, error) = answered.expect("the agent got an answer");
+    assert!(!ok);
+    assert_eq!(error.unwrap().code, "timeout");
+    assert_eq!(h.state(id).await.state, RunState::Running);
+    // Acked once stored.
+    assert!(inbox
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|m| matches!(m, ToShim::Frame(ServerMessage::Ack { seq: 1 }))));
+}
+
+#[actix_rt::test]
+async fn a_shim_that_does_not_come_back_fails_connection_lost() {
+    tokio::time::pause();
+    let h = harness(SpawnMode::Succeed);
+    let (id, run) = h.launch(None).await;
+    h.advance_until(id, RunState::Starting, Duration::from_secs(1))
+        .await;
+    connect(&run, 1).await;
+    run.send(ShimGone {
+        conn_id: 1,
+        reason: "network".into(),
+    })
+    .await
+    .unwrap();
+    // lost_after (60 s) plus one heartbeat (5 s).
+    tokio::time::sleep(Duration::from_secs(50)).await;
+    assert_eq!(h.state(id).await.state, RunState::Running);
+    let record = h
+        .advance_until(id, RunState::Failed, Duration::from_secs(20))
+        .await;
+    assert_eq!(record.failure.unwrap().kind, FailureKind::ConnectionLost);
+    assert_eq!(h.kills.load(Ordering::SeqCst), 1);
+}
+
+#[actix_rt::test]
+async fn a_resumed_shim_resends_and_duplicates_are_dropped() {
+    tokio::time::pause();
+    let h = harness(SpawnMode::Succeed);
+    let (id, run) = h.launch(None).await;
+    h.advance_until(id, RunState::Starting, Duration::from_secs(1))
+        .await;
+    connect(&run, 1).await;
+    let msg = |seq: u64, text: &str| ShimMessage::AgentEvent {
+        seq,
+        payload: agent_shim::protocol::AgentEventPayload::Message { text: text.into() },
+    };
+    for seq in 1..=3 {
+        run.send(ShimFrame {
+            conn_id: 1,
+            message: msg(seq, &format!("m{seq}")),
+        })
+        .await
+        .unwrap();
+    }
+    // A second connection replaces the first; frames from the old one are ignored.
+    let inbox = connect(&run, 2).await;
+    let welcome_last_acked = inbox.lock().unwrap().iter().find_map(|m| match m {
+        ToShim::Frame(ServerMessage::Welcome {
+            last_acked,
+            start_agent,
+            ..
+        }) => Some((*last_acked, *start_agent)),
+        _ => None,
+    });
+    assert_eq!(welcome_last_acked, Some((3, false)));
+    run.send(ShimFrame {
+        conn_id: 1,
+        message: msg(4, "from the old connection"),
+    })
+    .await
+    .unwrap();
+    for seq in 2..=4 {
+        run.send(ShimFrame {
+            conn_id: 2,
+            message: msg(seq, &format!("m{seq}")),
+        })
+        .await
+        .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let texts: Vec<String> = {
+        use futures_util::StreamExt;
+        h.store
+            .events(id, 0, false)
+            .await
+            .unwrap()
+            .filter_map(|e| async move {
+                match e.unwrap().kind {
+                    ::actors::model::EventKind::AgentMessage { text } => Some(text),
+                    _ => None,
+                }
+            })
+            .collect()
+            .await
+    };
+    assert_eq!(texts, vec!["m1", "m2", "m3", "m4"]);
+    run.send(::actors::run::messages::KillRun {
+        reason: "done".into(),
+    })
+    .await
+    .unwrap();
+    let record = h
+        .advance_until(id, RunState::Killed, Duration::from_secs(1))
+        .await;
+    assert_eq!(record.termination, Some(Termination::Killed));
+}
+
+#[actix_rt::test]
+async fn a_provider_actor_that_panics_is_restarted_and_counted() {
+    let h = harness(SpawnMode::Panic);
+    let request = |run_id| SpawnRequest {
+        run_id,
+        agent: "a".into(),
+        image: None,
+        resources: Resources::default(),
+        env: BTreeMap::new(),
+        labels: BTreeMap::new(),
+    };
+    // Let the router start its provider actor.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let res = h
+        .router
+        .send(SpawnSandbox {
+            provider: "scripted".into(),
+            request: request(Uuid::new_v4()),
+        })
+        .await
+        .unwrap();
+    assert!(res.is_err(), "a panicking spawn is an error to the caller");
+    *h.mode.lock().unwrap() = SpawnMode::Succeed;
+    // Restarted with backoff; then spawns work again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let providers = h.router.send(ListProviders).await.unwrap();
+        let p = &providers[0];
+        if p.restarts == 1 && p.healthy {
+            assert!(p.last_error.is_some());
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not restarted: {p:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let res = h
+        .router
+        .send(SpawnSandbox {
+            provider: "scripted".into(),
+            request: request(Uuid::new_v4()),
+        })
+        .await
+        .unwrap();
+    assert!(res.is_ok(), "{res:?}");
+}
