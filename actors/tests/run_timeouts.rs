@@ -31,6 +31,8 @@ use uuid::Uuid;
 enum SpawnMode {
     Succeed,
     Hang,
+    /// Succeeds after ten seconds.
+    Slow,
     Panic,
 }
 
@@ -52,6 +54,13 @@ impl Provider for ScriptedProvider {
                 remote_host: "scripted-host".into(),
             }),
             SpawnMode::Hang => std::future::pending().await,
+            SpawnMode::Slow => {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                Ok(SandboxHandle {
+                    id: request.run_id.to_string(),
+                    remote_host: "scripted-host".into(),
+                })
+            }
             SpawnMode::Panic => panic!("backend blew up"),
         }
     }
@@ -563,4 +572,32 @@ async fn a_provider_actor_that_panics_is_restarted_and_counted() {
         .await
         .unwrap();
     assert!(res.is_ok(), "{res:?}");
+}
+
+#[actix_rt::test]
+async fn a_sandbox_created_after_its_run_was_killed_is_removed() {
+    tokio::time::pause();
+    let h = harness(SpawnMode::Slow);
+    let (id, run) = h.launch(None).await;
+    h.advance_until(id, RunState::Provisioning, Duration::from_secs(1))
+        .await;
+    run.send(::actors::run::messages::KillRun {
+        reason: "changed my mind".into(),
+    })
+    .await
+    .unwrap();
+    let record = h
+        .advance_until(id, RunState::Killed, Duration::from_secs(1))
+        .await;
+    assert!(record.sandbox_id.is_none());
+    assert_eq!(h.kills.load(Ordering::SeqCst), 0);
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        h.kills.load(Ordering::SeqCst),
+        1,
+        "the late sandbox was removed"
+    );
 }

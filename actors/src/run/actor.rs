@@ -462,8 +462,11 @@ impl RunActor {
         let store = self.deps.store.clone();
         let router = self.deps.router.clone();
         let provider = self.record.provider.clone();
-        ctx.spawn(
-            async move {
+        let addr = ctx.address();
+        let run_id = self.id;
+        // Detached from the actor: a sandbox that comes up after the run ended is still removed.
+        actix_rt::spawn(async move {
+            let res = async {
                 store
                     .put_token(&minted.hash, &token_record)
                     .await
@@ -471,20 +474,38 @@ impl RunActor {
                         message: format!("could not store the run token: {err}"),
                     })?;
                 router
-                    .send(SpawnSandbox { provider, request })
+                    .send(SpawnSandbox {
+                        provider: provider.clone(),
+                        request,
+                    })
                     .await
                     .map_err(|err| ProviderError::Operation {
                         operation: "spawn",
                         message: format!("provider router unavailable: {err}"),
                     })?
             }
-            .into_actor(self)
-            .map(|res, act, ctx| act.spawned(res, ctx)),
-        );
+            .await;
+            if let Err(err) = addr.send(SpawnDone(res.clone())).await {
+                tracing::debug!(run_id = %run_id, error = %err, "run gone before its sandbox came up");
+                if let Ok(sandbox) = res {
+                    remove_late_sandbox(router, provider, run_id, sandbox).await;
+                }
+            }
+        });
     }
 
     fn spawned(&mut self, res: Result<SandboxHandle, ProviderError>, ctx: &mut Context<Self>) {
         match res {
+            Ok(handle) if self.phase.state.is_terminal() => {
+                // Killed or stopped while provisioning, and the final write is queued: remove
+                // the sandbox directly.
+                actix_rt::spawn(remove_late_sandbox(
+                    self.deps.router.clone(),
+                    self.record.provider.clone(),
+                    self.id,
+                    handle,
+                ));
+            }
             Ok(handle) => {
                 tracing::info!(run_id = %self.id, sandbox = %handle.id, host = %handle.remote_host, "sandbox created");
                 self.record.sandbox_id = Some(handle.id.clone());
@@ -585,7 +606,6 @@ impl RunActor {
             return;
         }
         ctx.run_later(Duration::from_millis(200), move |act, ctx| {
-            act.sandbox = None;
             act.apply(Input::SandboxExited { code, oom_killed }, ctx);
         });
     }
@@ -842,6 +862,39 @@ impl RunActor {
         }
         self.answered_order.push_back(call_id.clone());
         self.answered.insert(call_id, message);
+    }
+}
+
+/// Removes a sandbox that came up after its run ended.
+async fn remove_late_sandbox(
+    router: Addr<ProviderRouter>,
+    provider: String,
+    run_id: RunId,
+    sandbox: SandboxHandle,
+) {
+    let kill = KillSandbox {
+        provider,
+        run_id,
+        sandbox,
+    };
+    match router.send(kill).await {
+        Ok(Ok(())) => tracing::info!(run_id = %run_id, "late sandbox removed"),
+        Ok(Err(err)) => {
+            tracing::warn!(run_id = %run_id, error = %err, "could not remove a late sandbox")
+        }
+        Err(err) => tracing::warn!(run_id = %run_id, error = %err, "provider router unavailable"),
+    }
+}
+
+/// The provider's answer to the spawn call.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct SpawnDone(Result<SandboxHandle, ProviderError>);
+
+impl Handler<SpawnDone> for RunActor {
+    type Result = ();
+    fn handle(&mut self, msg: SpawnDone, ctx: &mut Context<Self>) {
+        self.spawned(msg.0, ctx);
     }
 }
 

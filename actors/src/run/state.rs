@@ -215,10 +215,25 @@ pub fn transition(phase: &Phase, input: Input, limits: Limits) -> Outcome {
             p.state = Provisioning;
             stay(p, actions)
         }
+        (Provisioning, Input::Spawned) if p.connected => {
+            // The shim called back before the provider's spawn call returned.
+            let mut p = p;
+            p.sandbox = true;
+            p.state = Running;
+            stay(
+                p,
+                vec![Action::Cancel(Timer::Startup), Action::Arm(Timer::Idle)],
+            )
+        }
         (Provisioning, Input::Spawned) => {
             let mut p = p;
             p.sandbox = true;
             p.state = Starting;
+            stay(p, vec![])
+        }
+        (Provisioning, Input::ShimConnected) => {
+            let mut p = p;
+            p.connected = true;
             stay(p, vec![])
         }
         (Stopping, Input::Spawned) => {
@@ -290,8 +305,7 @@ pub fn transition(phase: &Phase, input: Input, limits: Limits) -> Outcome {
             Provisioning | Starting | Running | Stopping,
             Input::SandboxExited { code, oom_killed },
         ) => {
-            let mut p = p;
-            p.sandbox = false;
+            // The sandbox stays marked, so finishing removes what is left of it.
             let code_text =
                 code.map_or_else(|| "no exit code".to_string(), |c| format!("exit code {c}"));
             if oom_killed {
@@ -652,7 +666,10 @@ mod tests {
             }],
         ));
         assert_eq!(p.failure.unwrap().kind, FailureKind::SandboxVanished);
-        assert!(!actions.contains(&Action::KillSandbox));
+        assert!(
+            actions.contains(&Action::KillSandbox),
+            "what is left is removed"
+        );
     }
 
     #[test]
@@ -664,6 +681,15 @@ mod tests {
         ]);
         assert_eq!(p.state, RunState::Stopped);
         assert!(actions.contains(&Action::KillSandbox));
+    }
+
+    #[test]
+    fn a_shim_connecting_before_the_spawn_call_returns_goes_straight_to_running() {
+        let (p, actions) = run(vec![Input::Start, Input::ShimConnected, Input::Spawned]);
+        assert_eq!(p.state, RunState::Running);
+        assert!(p.connected && p.sandbox);
+        assert!(actions.contains(&Action::Cancel(Timer::Startup)));
+        assert!(actions.contains(&Action::Arm(Timer::Idle)));
     }
 
     #[test]
