@@ -300,6 +300,15 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         failure: Option<Failure>,
     },
+    /// The provider pulls the sandbox's image.
+    ImagePull {
+        image: String,
+        status: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        current_bytes: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        total_bytes: Option<u64>,
+    },
     SandboxCreated {
         sandbox_id: String,
         remote_host: String,

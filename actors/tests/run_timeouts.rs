@@ -179,6 +179,7 @@ fn harness(mode: SpawnMode) -> Harness {
             callback_url: "http://127.0.0.1:1".into(),
             cluster_id: "test".into(),
             evidence_lines: 10,
+            usage_interval: Duration::ZERO,
         }),
     };
     Harness {
@@ -535,6 +536,7 @@ async fn a_provider_actor_that_panics_is_restarted_and_counted() {
         resources: Resources::default(),
         env: BTreeMap::new(),
         labels: BTreeMap::new(),
+        progress: None,
     };
     // Let the router start its provider actor.
     tokio::time::sleep(Duration::from_millis(50)).await;

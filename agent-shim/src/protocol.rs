@@ -183,7 +183,9 @@ pub enum ServerMessage {
 /// Where and how to fetch the agent bundle (a gzip-compressed tar of the agent directory).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BundleInfo {
-    /// Absolute URL; fetched with the run token as bearer.
+    /// Absolute URL, or an absolute path resolved against the origin of the sandbox's callback
+    /// URL (the address that reaches the control plane from inside the sandbox); fetched with
+    /// the run token as bearer.
     pub url: String,
     /// Hex SHA-256 of the archive bytes.
     pub sha256: String,

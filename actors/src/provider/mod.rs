@@ -34,6 +34,20 @@ pub struct SpawnRequest {
     /// Contains the run token: never log it.
     pub env: BTreeMap<String, String>,
     pub labels: BTreeMap<String, String>,
+    /// Where the provider reports progress while it spawns (image pulls); may be full or
+    /// closed, which never fails the spawn.
+    pub progress: Option<tokio::sync::mpsc::Sender<SpawnProgress>>,
+}
+
+/// Progress of a spawn, recorded as run events.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SpawnProgress {
+    ImagePull {
+        image: String,
+        status: String,
+        current_bytes: Option<u64>,
+        total_bytes: Option<u64>,
+    },
 }
 
 /// A started sandbox, as the provider knows it.

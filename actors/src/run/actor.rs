@@ -19,9 +19,9 @@ use super::state::{transition, Action, Input, Limits, Phase, Timer};
 use crate::model::{
     EventKind, Evidence, Failure, FailureKind, LogSource, RunId, RunRecord, RunState, Usage,
 };
-use crate::provider::{labels, ProviderError, SandboxHandle, SpawnRequest};
+use crate::provider::{labels, ProviderError, SandboxHandle, SpawnProgress, SpawnRequest};
 use crate::router::{
-    KillSandbox, ProviderCost, ProviderRouter, SandboxLogs, SpawnSandbox, WaitSandbox,
+    KillSandbox, ProviderCost, ProviderRouter, SandboxLogs, SandboxUsage, SpawnSandbox, WaitSandbox,
 };
 use crate::sandbox_connection::messages::ToShim;
 use crate::store::{RunStore, TokenRecord};
@@ -68,6 +68,8 @@ pub struct RunSettings {
     pub cluster_id: String,
     /// Log lines kept as evidence on a failed run.
     pub evidence_lines: usize,
+    /// How often the provider is asked for the sandbox's resource usage (zero: never).
+    pub usage_interval: Duration,
 }
 
 /// Live run actors of this replica, by run id.
@@ -451,6 +453,7 @@ impl RunActor {
                 (labels::AGENT.to_string(), self.record.agent.clone()),
                 (labels::CLUSTER.to_string(), settings.cluster_id.clone()),
             ]),
+            progress: Some(self.progress_sink()),
         };
         let token_record = TokenRecord {
             run_id: self.id,
@@ -494,6 +497,81 @@ impl RunActor {
         });
     }
 
+    /// A channel whose spawn progress becomes run events.
+    fn progress_sink(&self) -> tokio::sync::mpsc::Sender<SpawnProgress> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<SpawnProgress>(256);
+        let writes = self.writes.clone();
+        actix_rt::spawn(async move {
+            while let Some(progress) = rx.recv().await {
+                let event = match progress {
+                    SpawnProgress::ImagePull {
+                        image,
+                        status,
+                        current_bytes,
+                        total_bytes,
+                    } => EventKind::ImagePull {
+                        image,
+                        status,
+                        current_bytes,
+                        total_bytes,
+                    },
+                };
+                if writes.send(WriteOp::Events(vec![event])).await.is_err() {
+                    return;
+                }
+            }
+        });
+        tx
+    }
+
+    /// Reads the provider's view of resource usage now and then while the run is live.
+    fn poll_usage(&mut self, ctx: &mut Context<Self>) {
+        let interval = self.deps.settings.usage_interval;
+        if interval.is_zero() {
+            return;
+        }
+        ctx.run_interval(interval, |act, ctx| {
+            let Some(sandbox) = act.sandbox.clone() else {
+                return;
+            };
+            if act.phase.state.is_terminal() {
+                return;
+            }
+            let read = act.deps.router.send(SandboxUsage {
+                provider: act.record.provider.clone(),
+                sandbox,
+            });
+            ctx.spawn(read.into_actor(act).map(|res, act, _| match res {
+                Ok(Ok(Some(usage))) => act.record_usage(usage.cpu_pct, usage.memory_bytes),
+                Ok(Ok(None)) => {}
+                Ok(Err(err)) => {
+                    tracing::debug!(run_id = %act.id, error = %err, "usage unavailable")
+                }
+                Err(err) => tracing::debug!(run_id = %act.id, error = %err, "router unavailable"),
+            }));
+        });
+    }
+
+    fn record_usage(&mut self, cpu_pct: Option<f64>, memory_bytes: Option<u64>) {
+        let peak = self
+            .record
+            .usage
+            .peak_memory_bytes
+            .max(memory_bytes)
+            .or(memory_bytes);
+        self.record.usage = Usage {
+            cpu_pct,
+            memory_bytes,
+            peak_memory_bytes: peak,
+            reported_at: Some(Utc::now()),
+        };
+        self.write(WriteOp::Events(vec![EventKind::Usage {
+            cpu_pct,
+            memory_bytes,
+        }]));
+        self.write(WriteOp::Record(Box::new(self.record.clone())));
+    }
+
     fn spawned(&mut self, res: Result<SandboxHandle, ProviderError>, ctx: &mut Context<Self>) {
         match res {
             Ok(handle) if self.phase.state.is_terminal() => {
@@ -521,6 +599,7 @@ impl RunActor {
                 );
                 if !terminal {
                     self.watch_sandbox(handle, ctx);
+                    self.poll_usage(ctx);
                 }
                 self.apply(Input::Spawned, ctx);
             }
@@ -730,22 +809,7 @@ impl RunActor {
                 self.write(WriteOp::Logs(vec![(stream.to_string(), line)]));
             }
             ShimMessage::Usage { usage, .. } => {
-                let peak = self
-                    .record
-                    .usage
-                    .peak_memory_bytes
-                    .max(usage.memory_bytes)
-                    .or(usage.memory_bytes);
-                self.record.usage = Usage {
-                    cpu_pct: usage.cpu_pct,
-                    memory_bytes: usage.memory_bytes,
-                    peak_memory_bytes: peak,
-                    reported_at: Some(Utc::now()),
-                };
-                events.push(EventKind::Usage {
-                    cpu_pct: usage.cpu_pct,
-                    memory_bytes: usage.memory_bytes,
-                });
+                self.record_usage(usage.cpu_pct, usage.memory_bytes);
             }
             ShimMessage::Exited { code, signal, .. } => {
                 events.push(EventKind::AgentExited { code, signal });

@@ -590,8 +590,14 @@ impl Shim {
 
     // --- agent ------------------------------------------------------------------------------
 
-    fn start_preparing(&mut self, task: String, bundle: BundleInfo) {
+    fn start_preparing(&mut self, task: String, mut bundle: BundleInfo) {
         self.task = task;
+        // A path is resolved against the callback URL's origin, which is what reaches the
+        // control plane from inside this sandbox.
+        match self.config.callback_url.join(&bundle.url) {
+            Ok(url) => bundle.url = url.to_string(),
+            Err(e) => tracing::warn!(url = %bundle.url, error = %e, "bundle URL not resolvable"),
+        }
         let token = self.config.token.clone();
         let dir = self.config.work_dir.clone();
         tracing::info!(url = %bundle.url, size = bundle.size, "fetching the agent bundle");

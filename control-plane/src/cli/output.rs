@@ -26,6 +26,18 @@ where
             Some(failure) => format!("{to}: {}", failure_text(failure)),
             None => to.to_string(),
         },
+        EventKind::ImagePull {
+            image,
+            status,
+            current_bytes,
+            total_bytes,
+        } => match (current_bytes, total_bytes) {
+            (Some(current), Some(total)) if *total > 0 => format!(
+                "pulling {image}: {status} {}%",
+                current.saturating_mul(100) / total
+            ),
+            _ => format!("pulling {image}: {status}"),
+        },
         EventKind::SandboxCreated {
             sandbox_id,
             remote_host,

@@ -252,6 +252,7 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
             callback_url: callback_url.clone(),
             cluster_id: config.cluster_id.clone(),
             evidence_lines: 50,
+            usage_interval: Duration::from_secs(10),
         }),
     };
     let api_tokens = config.api_tokens.clone();

@@ -306,11 +306,8 @@ pub async fn create_run(
         CreateOutcome::Created => {}
     }
     let bundle_info = BundleInfo {
-        url: format!(
-            "{}/v1/sandbox/runs/{id}/bundle/{}",
-            state.callback_url.trim_end_matches('/'),
-            bundle.sha256
-        ),
+        // A path: each sandbox resolves it against its own callback URL.
+        url: format!("/v1/sandbox/runs/{id}/bundle/{}", bundle.sha256),
         sha256: bundle.sha256.clone(),
         size: bundle.size(),
         command: manifest.command.clone(),
