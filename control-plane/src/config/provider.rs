@@ -175,14 +175,7 @@ pub struct SshConfig {
 }
 
 /// Rates for a run's cost estimate (SPEC §10); absent rates count as zero.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct CostRates {
-    pub per_cpu_hour: Option<f64>,
-    pub per_gb_hour: Option<f64>,
-    pub per_gpu_hour: Option<f64>,
-    pub per_run: Option<f64>,
-    pub minimum_billed_minutes: Option<u32>,
-}
+pub use actors::router::CostRates;
 
 /// Reads the `providers:` mapping; adds `local` when it is not configured.
 pub(crate) fn read_providers(

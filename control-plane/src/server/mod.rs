@@ -16,9 +16,7 @@ use actors::provider::local::{
     default_shim_path, LocalConfig as LocalProviderConfig, LocalProvider,
 };
 use actors::provider::{Provider, ProviderError};
-use actors::router::{
-    CostRates, ProviderFactory, ProviderRouter, ProviderSpec, SupervisorSettings,
-};
+use actors::router::{ProviderFactory, ProviderRouter, ProviderSpec, SupervisorSettings};
 use actors::run::{RunDeps, RunRegistry, RunSettings, RunTimeouts};
 use actors::store::memory::MemoryStore;
 use actors::store::RunStore;
@@ -103,17 +101,6 @@ fn to_run_timeouts(config: &ServerConfig) -> RunTimeouts {
         lost_after: t.lost_after(),
         heartbeat_interval: t.heartbeat_interval(),
         token_max_lifetime: t.token_max_lifetime(),
-    }
-}
-
-fn cost_rates(config: &ProviderConfig) -> CostRates {
-    let c = &config.cost;
-    CostRates {
-        per_cpu_hour: c.per_cpu_hour,
-        per_gb_hour: c.per_gb_hour,
-        per_gpu_hour: c.per_gpu_hour,
-        per_run: c.per_run,
-        minimum_billed_minutes: c.minimum_billed_minutes,
     }
 }
 
@@ -223,7 +210,7 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
             factory: provider_factory(p, &data_dir, &options.env),
             default_resources: p.default_resources.clone(),
             max_concurrent_runs: p.max_concurrent_runs,
-            cost: cost_rates(p),
+            cost: p.cost.clone(),
         })
         .collect();
     let router = ProviderRouter::new(specs, SupervisorSettings::default()).start();
