@@ -448,15 +448,33 @@ fn sse_frame(index: u64, event: &str, data: &impl Serialize) -> Bytes {
     Bytes::from(format!("id: {index}\nevent: {event}\ndata: {json}\n\n"))
 }
 
+/// How often a quiet event stream sends a comment, so proxies keep it open.
+const SSE_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Interleaves `: keep-alive` comments into a quiet stream; ends when the stream ends.
+fn with_keepalive<S>(stream: S) -> impl Stream<Item = Result<Bytes, actix_web::Error>>
+where
+    S: Stream<Item = Result<Bytes, actix_web::Error>> + Unpin + 'static,
+{
+    futures_util::stream::unfold(stream, |mut stream| async move {
+        tokio::select! {
+            item = stream.next() => item.map(|item| (item, stream)),
+            () = tokio::time::sleep(SSE_KEEPALIVE) => {
+                Some((Ok(Bytes::from_static(b": keep-alive\n\n")), stream))
+            }
+        }
+    })
+}
+
 fn sse_response<S>(stream: S) -> HttpResponse
 where
-    S: Stream<Item = Result<Bytes, actix_web::Error>> + 'static,
+    S: Stream<Item = Result<Bytes, actix_web::Error>> + Unpin + 'static,
 {
     HttpResponse::Ok()
         .insert_header((header::CONTENT_TYPE, "text/event-stream"))
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         .insert_header(("X-Accel-Buffering", "no"))
-        .streaming(stream)
+        .streaming(with_keepalive(stream))
 }
 
 #[utoipa::path(
@@ -534,6 +552,17 @@ mod tests {
             timeout_s: None,
             id: None,
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quiet_event_streams_get_keepalive_comments_and_end_with_their_source() {
+        let quiet = futures_util::stream::pending::<Result<Bytes, actix_web::Error>>();
+        let mut s = Box::pin(with_keepalive(quiet));
+        let first = s.next().await.unwrap().unwrap();
+        assert_eq!(&first[..], b": keep-alive\n\n");
+        let one = futures_util::stream::iter(vec![Ok::<_, actix_web::Error>(Bytes::from("x"))]);
+        let items: Vec<_> = with_keepalive(one).collect().await;
+        assert_eq!(items.len(), 1);
     }
 
     #[test]
