@@ -4,6 +4,7 @@
 
 pub mod model;
 pub mod provider;
+pub mod reconciler;
 pub mod router;
 pub mod run;
 pub mod sandbox_connection;

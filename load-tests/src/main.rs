@@ -1,1 +1,47 @@
-fn main() {}
+//! `load-tests`: load and latency harness for the codebolt control plane. Each scenario starts
+//! the real server in-process and drives it through its public interfaces; see the README for
+//! the figures and the commands that reproduce them.
+
+mod agent;
+mod echo;
+mod fixture;
+mod sim_shim;
+mod spawn;
+mod stats;
+mod toolcall;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "load-tests", about = "Load and latency harness for codebolt")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Many runs of a trivial agent: control-plane time from request to spawn call and to running.
+    Spawn(spawn::SpawnArgs),
+    /// Tool-call round trip through shim and server, next to a bare WebSocket echo.
+    Toolcall(toolcall::ToolcallArgs),
+    /// The agent the toolcall scenario runs in its sandbox (speaks SPEC §7a on stdin/stdout).
+    #[command(hide = true)]
+    Agent(agent::AgentArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Agent(args) => agent::run(args),
+        Command::Spawn(args) => runtime()?.block_on(spawn::run(args)),
+        Command::Toolcall(args) => runtime()?.block_on(toolcall::run(args)),
+    }
+}
+
+/// The client's runtime: one thread, so the server's threads keep the rest of the machine.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}

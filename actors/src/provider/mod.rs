@@ -2,6 +2,7 @@
 //! wraps one, and the backends.
 
 pub mod actor;
+pub mod docker;
 pub mod local;
 
 use std::collections::BTreeMap;

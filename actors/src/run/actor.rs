@@ -270,6 +270,17 @@ pub struct RunActor {
     answered_order: VecDeque<String>,
     /// Call ids already executed, so a resent call is not executed twice.
     seen_calls: HashSet<String>,
+    /// An agent exit by SIGKILL, held until the sandbox's end says whether it was an OOM kill.
+    held_exit: Option<Input>,
+}
+
+/// How long a SIGKILLed agent's exit waits for the sandbox's end (and its OOM verdict).
+const OOM_VERDICT_WAIT: Duration = Duration::from_secs(3);
+
+/// An agent killed by SIGKILL (directly, or seen as exit code 137 through a shell) may have been
+/// OOM-killed; only the provider can tell.
+fn maybe_oom_killed(code: Option<i32>, signal: Option<i32>) -> bool {
+    signal == Some(9) || code == Some(137)
 }
 
 impl RunActor {
@@ -311,6 +322,7 @@ impl RunActor {
             answered: HashMap::new(),
             answered_order: VecDeque::new(),
             seen_calls: HashSet::new(),
+            held_exit: None,
         };
         let addr = actor.start();
         registry.insert(id, addr.clone());
@@ -684,6 +696,15 @@ impl RunActor {
         if self.phase.state.is_terminal() {
             return;
         }
+        if let Some(held) = self.held_exit.take() {
+            let input = if oom_killed {
+                Input::SandboxExited { code, oom_killed }
+            } else {
+                held
+            };
+            self.apply(input, ctx);
+            return;
+        }
         ctx.run_later(Duration::from_millis(200), move |act, ctx| {
             act.apply(Input::SandboxExited { code, oom_killed }, ctx);
         });
@@ -813,7 +834,21 @@ impl RunActor {
             }
             ShimMessage::Exited { code, signal, .. } => {
                 events.push(EventKind::AgentExited { code, signal });
-                input = Some(Input::AgentExited { code, signal });
+                let exited = Input::AgentExited { code, signal };
+                if maybe_oom_killed(code, signal)
+                    && self.sandbox.is_some()
+                    && self.phase.state == RunState::Running
+                {
+                    // Classified when the sandbox ends (OOM: resource_exhausted) or soon after.
+                    self.held_exit = Some(exited);
+                    ctx.run_later(OOM_VERDICT_WAIT, |act, ctx| {
+                        if let Some(held) = act.held_exit.take() {
+                            act.apply(held, ctx);
+                        }
+                    });
+                } else {
+                    input = Some(exited);
+                }
             }
             ShimMessage::Hello { .. } | ShimMessage::Heartbeat { .. } => {}
         }

@@ -195,6 +195,9 @@ fn ended_while_stopping(phase: Phase, ending: Ending, exit_code: Option<i32>) ->
     }
 }
 
+/// The agent-shim's exit code when it could not reach the control plane for `lost_after`.
+const SHIM_EXIT_UNREACHABLE: i32 = 3;
+
 pub fn transition(phase: &Phase, input: Input, limits: Limits) -> Outcome {
     use RunState::*;
     let p = phase.clone();
@@ -317,6 +320,13 @@ pub fn transition(phase: &Phase, input: Input, limits: Limits) -> Outcome {
             }
             match (p.state, p.ending) {
                 (Stopping, Some(ending)) => ended_while_stopping(p, ending, code),
+                (Starting | Provisioning, _) if code == Some(SHIM_EXIT_UNREACHABLE) => fail(
+                    p,
+                    FailureKind::UnreachableCallback,
+                    format!(
+                        "the sandbox's shim gave up reaching the control plane and exited ({code_text})"
+                    ),
+                ),
                 (Starting | Provisioning, _) => fail(
                     p,
                     FailureKind::ProviderError,
@@ -658,6 +668,15 @@ mod tests {
             },
         ]);
         assert_eq!(p.failure.unwrap().kind, FailureKind::ProviderError);
+        let (p, _) = run(vec![
+            Input::Start,
+            Input::Spawned,
+            Input::SandboxExited {
+                code: Some(3),
+                oom_killed: false,
+            },
+        ]);
+        assert_eq!(p.failure.unwrap().kind, FailureKind::UnreachableCallback);
         let (p, actions) = run(with(
             running(),
             [Input::SandboxExited {

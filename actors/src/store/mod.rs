@@ -1,7 +1,8 @@
 //! Where run state lives: run records, token hashes, event history and logs. The in-memory store
-//! serves a single node; a shared store lets several replicas serve one cluster.
+//! serves a single node; the Redis store lets several replicas serve one cluster.
 
 pub mod memory;
+pub mod redis;
 
 use std::pin::Pin;
 
@@ -22,6 +23,10 @@ pub enum StoreError {
     IdempotencyConflict { key: String, run_id: RunId },
     #[error("cursor '{cursor}' is not valid")]
     BadCursor { cursor: String },
+    /// The store answered with something this build cannot use (unreadable data, a refused
+    /// command, a bad store url).
+    #[error("run store error: {message}")]
+    Backend { message: String },
 }
 
 /// Result of creating a run: new, or the run an earlier request with the same key created.

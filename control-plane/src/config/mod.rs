@@ -21,8 +21,8 @@ pub use project::{
     ProjectSettings, MANIFEST_FILE, PROJECT_DIR,
 };
 pub use provider::{
-    BackendConfig, CostRates, DockerConfig, KubernetesConfig, LocalConfig, ProviderConfig,
-    ProviderKind, SshConfig, LOCAL_PROVIDER,
+    BackendConfig, CostRates, DockerConfig, DockerHardening, KubernetesConfig, LocalConfig,
+    ProviderConfig, ProviderKind, SshConfig, LOCAL_PROVIDER,
 };
 pub use resolve::{resolve_execution, resolve_resources};
 pub use server::{env_vars, ApiToken, ServerConfig, StoreConfig, Timeouts};

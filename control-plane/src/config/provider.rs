@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use actors::model::Resources;
 use serde::Serialize;
 use serde_yaml::Value;
+use url::Url;
 
 use super::yaml::{read_resources, Fields};
 use super::{check_name, ConfigError};
@@ -122,8 +123,48 @@ pub struct LocalConfig {
 pub struct DockerConfig {
     pub socket: String,
     pub default_image: String,
+    /// `bridge`, `host`, `none`, or the name of a Docker network.
     pub network: String,
+    /// Remove each container once its exit was read (done by the provider, not by Docker).
     pub auto_remove: bool,
+    /// What containers call back to; derived from the network when absent (see README).
+    pub callback_url: Option<Url>,
+    /// A statically linked agent-shim on the engine's host, bind-mounted read-only into every
+    /// container and used as its entrypoint, so images without the shim work too.
+    pub shim_path: Option<PathBuf>,
+    /// The writable work directory inside the container (a tmpfs).
+    pub work_dir: String,
+    pub work_dir_size_mb: u64,
+    pub hardening: DockerHardening,
+}
+
+/// Container hardening, on by default; each setting can be relaxed per provider.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DockerHardening {
+    pub read_only_rootfs: bool,
+    pub no_new_privileges: bool,
+    pub drop_capabilities: Vec<String>,
+    pub cap_add: Vec<String>,
+    /// `None`: unlimited (`pids_limit: 0` in the file).
+    pub pids_limit: Option<u32>,
+    /// `uid[:gid]` or a user name of the image; `image` keeps the image's user.
+    pub user: Option<String>,
+    /// Docker's init as PID 1 (signal forwarding, zombie reaping).
+    pub init: bool,
+}
+
+impl Default for DockerHardening {
+    fn default() -> Self {
+        DockerHardening {
+            read_only_rootfs: true,
+            no_new_privileges: true,
+            drop_capabilities: vec!["ALL".to_string()],
+            cap_add: Vec::new(),
+            pids_limit: Some(512),
+            user: Some("65534:65534".to_string()),
+            init: true,
+        }
+    }
 }
 
 impl Default for DockerConfig {
@@ -133,6 +174,11 @@ impl Default for DockerConfig {
             default_image: "codebolt/agent-base:latest".to_string(),
             network: "bridge".to_string(),
             auto_remove: true,
+            callback_url: None,
+            shim_path: None,
+            work_dir: "/codebolt/work".to_string(),
+            work_dir_size_mb: 512,
+            hardening: DockerHardening::default(),
         }
     }
 }
@@ -249,21 +295,7 @@ fn read_provider(
             shim_path: fields.optional_path("shim_path", env)?,
             work_root: fields.optional_path("work_root", env)?,
         }),
-        ProviderKind::Docker => {
-            let defaults = DockerConfig::default();
-            BackendConfig::Docker(DockerConfig {
-                socket: fields.optional_string("socket")?.unwrap_or(defaults.socket),
-                default_image: fields
-                    .optional_string("default_image")?
-                    .unwrap_or(defaults.default_image),
-                network: fields
-                    .optional_string("network")?
-                    .unwrap_or(defaults.network),
-                auto_remove: fields
-                    .optional("auto_remove")?
-                    .unwrap_or(defaults.auto_remove),
-            })
-        }
+        ProviderKind::Docker => BackendConfig::Docker(read_docker(&mut fields, env)?),
         ProviderKind::Kubernetes => {
             let defaults = KubernetesConfig::default();
             BackendConfig::Kubernetes(KubernetesConfig {
@@ -324,6 +356,110 @@ fn read_provider(
         default_resources,
         max_concurrent_runs,
         cost,
+    })
+}
+
+fn read_docker(
+    fields: &mut Fields<'_>,
+    env: &HashMap<String, String>,
+) -> Result<DockerConfig, ConfigError> {
+    let defaults = DockerConfig::default();
+    let socket = fields.optional_string("socket")?.unwrap_or(defaults.socket);
+    let socket_ok = ["unix://", "tcp://", "http://", "/"]
+        .iter()
+        .any(|prefix| socket.starts_with(prefix));
+    if !socket_ok {
+        return Err(fields.invalid(
+            "socket",
+            format!("`{socket}` is not unix:///path, /path or tcp://host:port"),
+        ));
+    }
+    let default_image = fields
+        .optional_string("default_image")?
+        .unwrap_or(defaults.default_image);
+    let network = fields
+        .optional_string("network")?
+        .unwrap_or(defaults.network);
+    if network.trim().is_empty() {
+        return Err(fields.invalid("network", "must not be empty"));
+    }
+    let auto_remove = fields
+        .optional("auto_remove")?
+        .unwrap_or(defaults.auto_remove);
+    let callback_url = match fields.optional_string("callback_url")? {
+        None => None,
+        Some(raw) => match Url::parse(&raw) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host_str().is_some() => {
+                Some(url)
+            }
+            Ok(_) => {
+                return Err(fields.invalid("callback_url", "expected an http(s) URL with a host"))
+            }
+            Err(err) => return Err(fields.invalid("callback_url", err.to_string())),
+        },
+    };
+    let shim_path = fields.optional_path("shim_path", env)?;
+    let work_dir = fields
+        .optional_string("work_dir")?
+        .unwrap_or(defaults.work_dir);
+    if !work_dir.starts_with('/') || work_dir == "/" {
+        return Err(fields.invalid(
+            "work_dir",
+            "must be an absolute path inside the container, not /",
+        ));
+    }
+    let work_dir_size_mb: u64 = fields
+        .optional("work_dir_size_mb")?
+        .unwrap_or(defaults.work_dir_size_mb);
+    if work_dir_size_mb == 0 {
+        return Err(fields.invalid("work_dir_size_mb", "must be greater than zero"));
+    }
+    let hd = DockerHardening::default();
+    let read_only_rootfs = fields
+        .optional("read_only_rootfs")?
+        .unwrap_or(hd.read_only_rootfs);
+    let no_new_privileges = fields
+        .optional("no_new_privileges")?
+        .unwrap_or(hd.no_new_privileges);
+    let drop_capabilities = fields
+        .optional("drop_capabilities")?
+        .unwrap_or(hd.drop_capabilities);
+    let cap_add = fields.optional("cap_add")?.unwrap_or(hd.cap_add);
+    let pids_limit = match fields.optional::<u32>("pids_limit")? {
+        None => hd.pids_limit,
+        Some(0) => None,
+        Some(n) => Some(n),
+    };
+    let user = match fields.optional_string("user")? {
+        None => hd.user,
+        Some(u) if u == "image" => None,
+        Some(u) if u.trim().is_empty() => {
+            return Err(fields.invalid(
+                "user",
+                "must not be empty (use `image` for the image's user)",
+            ))
+        }
+        Some(u) => Some(u),
+    };
+    let init = fields.optional("init")?.unwrap_or(hd.init);
+    Ok(DockerConfig {
+        socket,
+        default_image,
+        network,
+        auto_remove,
+        callback_url,
+        shim_path,
+        work_dir,
+        work_dir_size_mb,
+        hardening: DockerHardening {
+            read_only_rootfs,
+            no_new_privileges,
+            drop_capabilities,
+            cap_add,
+            pids_limit,
+            user,
+            init,
+        },
     })
 }
 

@@ -29,6 +29,9 @@ pub struct ServerConfig {
     pub store: StoreConfig,
     /// The URL sandboxes call back to; derived from the listen address when absent.
     pub public_url: Option<Url>,
+    /// An extra listener serving only the sandbox endpoints (shim connect, bundle download),
+    /// authorised by run tokens, e.g. on the Docker bridge gateway: `172.17.0.1:7421`.
+    pub sandbox_listen: Option<String>,
     /// Labels every sandbox, so replicas of one cluster recognise their own.
     pub cluster_id: String,
     /// Bearer tokens accepted by the API; required for non-loopback binds.
@@ -45,6 +48,7 @@ impl Default for ServerConfig {
             providers,
             store: StoreConfig::Memory,
             public_url: None,
+            sandbox_listen: None,
             cluster_id: DEFAULT_CLUSTER_ID.to_string(),
             api_tokens: Vec::new(),
             data_dir: None,
@@ -99,6 +103,18 @@ impl ServerConfig {
             None => None,
             Some(raw) => Some(parse_public_url(&raw).map_err(|m| root.invalid("public_url", m))?),
         };
+        let sandbox_listen = match root.optional_string("sandbox_listen")? {
+            None => None,
+            Some(raw) => {
+                raw.parse::<std::net::SocketAddr>().map_err(|_| {
+                    root.invalid(
+                        "sandbox_listen",
+                        format!("`{raw}` is not an ip:port address"),
+                    )
+                })?;
+                Some(raw)
+            }
+        };
         let cluster_id = match root.optional_string("cluster_id")? {
             None => DEFAULT_CLUSTER_ID.to_string(),
             Some(raw) => {
@@ -125,6 +141,7 @@ impl ServerConfig {
             providers,
             store,
             public_url,
+            sandbox_listen,
             cluster_id,
             api_tokens,
             data_dir,

@@ -116,6 +116,7 @@ providers:
             default_image: "codebolt/agent-base:latest".into(),
             network: "bridge".into(),
             auto_remove: true,
+            ..DockerConfig::default()
         })
     );
     assert_eq!(
@@ -366,12 +367,14 @@ fn unknown_keys_name_file_path_and_expected_keys() {
     assert_eq!(
         error("providers:\n  docker:\n    sockett: unix:///x\n"),
         "codebolt.yaml: providers.docker.sockett: unknown key (expected one of: socket, \
-         default_image, network, auto_remove, default_resources, max_concurrent_runs, cost, kind)"
+         default_image, network, auto_remove, callback_url, shim_path, work_dir, \
+         work_dir_size_mb, read_only_rootfs, no_new_privileges, drop_capabilities, cap_add, \
+         pids_limit, user, init, default_resources, max_concurrent_runs, cost, kind)"
     );
     assert_eq!(
         error("provider: {}\n"),
         "codebolt.yaml: provider: unknown key (expected one of: providers, store, public_url, \
-         cluster_id, api_tokens, data_dir, timeouts)"
+         sandbox_listen, cluster_id, api_tokens, data_dir, timeouts)"
     );
     let err = error("timeouts: {startup: 3}\n");
     assert!(
@@ -562,4 +565,83 @@ fn secrets_stay_out_of_debug_output() {
     assert!(!debug.contains("s3cr3t-token"), "{debug}");
     assert!(debug.contains("redis://user:***@redis:6379"), "{debug}");
     assert_eq!(config.api_tokens[0].expose(), "s3cr3t-token");
+}
+
+#[test]
+fn docker_hardening_and_callback_can_be_overridden() {
+    let config = parse(
+        "providers:\n  docker:\n    network: codebolt-net\n    callback_url: http://10.1.2.3:7421\n    \
+         shim_path: /opt/agent-shim\n    work_dir: /work\n    work_dir_size_mb: 64\n    \
+         read_only_rootfs: false\n    no_new_privileges: false\n    drop_capabilities: [NET_RAW]\n    \
+         cap_add: [CHOWN]\n    pids_limit: 0\n    user: image\n    init: false\n",
+    )
+    .unwrap();
+    let BackendConfig::Docker(docker) = &config.provider("docker").unwrap().backend else {
+        panic!("not docker");
+    };
+    assert_eq!(docker.network, "codebolt-net");
+    assert_eq!(
+        docker.callback_url.as_ref().map(|u| u.as_str()),
+        Some("http://10.1.2.3:7421/")
+    );
+    assert_eq!(
+        docker.shim_path.as_deref(),
+        Some(std::path::Path::new("/opt/agent-shim"))
+    );
+    assert_eq!(docker.work_dir, "/work");
+    assert_eq!(docker.work_dir_size_mb, 64);
+    assert_eq!(
+        docker.hardening,
+        DockerHardening {
+            read_only_rootfs: false,
+            no_new_privileges: false,
+            drop_capabilities: vec!["NET_RAW".into()],
+            cap_add: vec!["CHOWN".into()],
+            pids_limit: None,
+            user: None,
+            init: false,
+        }
+    );
+    let defaults = DockerConfig::default();
+    assert_eq!(
+        defaults.hardening.drop_capabilities,
+        vec!["ALL".to_string()]
+    );
+    assert_eq!(defaults.hardening.pids_limit, Some(512));
+    assert!(defaults.hardening.read_only_rootfs && defaults.hardening.no_new_privileges);
+}
+
+#[test]
+fn bad_docker_values_name_the_key() {
+    for (yaml, key) in [
+        ("{socket: docker.sock}", "providers.docker.socket"),
+        ("{callback_url: 'ftp://x'}", "providers.docker.callback_url"),
+        ("{work_dir: relative}", "providers.docker.work_dir"),
+        ("{work_dir_size_mb: 0}", "providers.docker.work_dir_size_mb"),
+        ("{pids_limit: -1}", "providers.docker.pids_limit"),
+        (
+            "{read_only_rootfs: maybe}",
+            "providers.docker.read_only_rootfs",
+        ),
+        (
+            "{drop_capabilities: ALL}",
+            "providers.docker.drop_capabilities",
+        ),
+        ("{user: ''}", "providers.docker.user"),
+        ("{privileged: true}", "providers.docker.privileged"),
+    ] {
+        let err = error(&format!("providers:\n  docker: {yaml}\n"));
+        assert!(
+            err.starts_with(&format!("codebolt.yaml: {key}")),
+            "{yaml}: {err}"
+        );
+    }
+}
+
+#[test]
+fn sandbox_listen_is_an_address() {
+    let config = parse("sandbox_listen: 172.17.0.1:7421\n").unwrap();
+    assert_eq!(config.sandbox_listen.as_deref(), Some("172.17.0.1:7421"));
+    let err = error("sandbox_listen: docker0\n");
+    assert!(err.starts_with("codebolt.yaml: sandbox_listen:"), "{err}");
 }

@@ -12,21 +12,86 @@ use std::time::Duration;
 
 use actix::Actor;
 use actix_web::{web, App, HttpServer};
+use actors::provider::docker::{
+    CallbackRoute, DockerProvider, DockerSettings, Hardening as DockerHardening,
+};
 use actors::provider::local::{
     default_shim_path, LocalConfig as LocalProviderConfig, LocalProvider,
 };
 use actors::provider::{Provider, ProviderError};
+use actors::reconciler::Reconciler;
 use actors::router::{ProviderFactory, ProviderRouter, ProviderSpec, SupervisorSettings};
 use actors::run::{RunDeps, RunRegistry, RunSettings, RunTimeouts};
 use actors::store::memory::MemoryStore;
+use actors::store::redis::{RedisSettings, RedisStore};
 use actors::store::RunStore;
 
-use crate::config::{BackendConfig, ConfigError, ProviderConfig, ServerConfig, StoreConfig};
+use crate::config::{
+    BackendConfig, ConfigError, DockerConfig, ProviderConfig, ServerConfig, StoreConfig,
+};
 use crate::tools::WorkspaceTools;
 use state::AppState;
 
 /// Default address of `codebolt server`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
+
+/// How often the reconciler compares sandboxes with run records (it also runs at start-up).
+const RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Where sandboxes can reach this server, for providers that derive their own callback URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoints {
+    /// The callback URL runs are given (`public_url`, else derived from the API listener).
+    pub callback_url: String,
+    /// Whether `public_url` was configured (then it is used as it is).
+    pub public_url_explicit: bool,
+    /// The API listener's bound address.
+    pub listen_addr: SocketAddr,
+    /// The sandbox-only listener's bound address (`sandbox_listen`), if any.
+    pub sandbox_addr: Option<SocketAddr>,
+}
+
+/// How a Docker provider's containers reach the control plane: the provider's `callback_url`;
+/// else an explicit `public_url`; else, on `host` (and `none`) networks the run's callback URL as
+/// it is; else (bridge or a named network) the sandbox listener: its address, or the network's
+/// gateway at its port when it listens on all addresses.
+pub fn docker_callback_route(docker: &DockerConfig, endpoints: &Endpoints) -> CallbackRoute {
+    if let Some(url) = &docker.callback_url {
+        return CallbackRoute::Fixed(url.as_str().trim_end_matches('/').to_string());
+    }
+    if endpoints.public_url_explicit || matches!(docker.network.as_str(), "host" | "none") {
+        return CallbackRoute::AsGiven;
+    }
+    let addr = endpoints.sandbox_addr.unwrap_or(endpoints.listen_addr);
+    if addr.ip().is_unspecified() {
+        CallbackRoute::NetworkGateway { port: addr.port() }
+    } else {
+        CallbackRoute::Fixed(format!("http://{addr}"))
+    }
+}
+
+fn docker_settings(name: &str, docker: &DockerConfig, endpoints: &Endpoints) -> DockerSettings {
+    let h = &docker.hardening;
+    let mut settings = DockerSettings::new(name);
+    settings.socket = docker.socket.clone();
+    settings.default_image = docker.default_image.clone();
+    settings.network = docker.network.clone();
+    settings.auto_remove = docker.auto_remove;
+    settings.callback = docker_callback_route(docker, endpoints);
+    settings.shim_path = docker.shim_path.clone();
+    settings.work_dir = docker.work_dir.clone();
+    settings.work_dir_size_mb = docker.work_dir_size_mb;
+    settings.hardening = DockerHardening {
+        read_only_rootfs: h.read_only_rootfs,
+        no_new_privileges: h.no_new_privileges,
+        drop_capabilities: h.drop_capabilities.clone(),
+        cap_add: h.cap_add.clone(),
+        pids_limit: h.pids_limit.map(i64::from),
+        user: h.user.clone(),
+        init: h.init,
+    };
+    settings
+}
 
 /// What `codebolt server` was given on its command line.
 #[derive(Debug, Clone, Default)]
@@ -65,6 +130,14 @@ pub enum ServerError {
 /// A started server.
 pub struct RunningServer {
     pub local_addr: SocketAddr,
+    /// The sandbox-only listener's address (`sandbox_listen`), if configured.
+    pub sandbox_addr: Option<SocketAddr>,
+    /// Removes orphaned sandboxes and fails runs whose sandbox vanished.
+    pub reconciler: actix::Addr<Reconciler>,
+    sandbox_server: Option<(
+        actix_web::dev::ServerHandle,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    )>,
     /// Base URL of the API, e.g. `http://127.0.0.1:7420`.
     pub base_url: String,
     handle: actix_web::dev::ServerHandle,
@@ -74,6 +147,13 @@ pub struct RunningServer {
 impl RunningServer {
     /// Stops accepting, finishes in-flight requests, and returns. Runs keep their sandboxes.
     pub async fn stop(self) -> Result<(), ServerError> {
+        if let Some((handle, task)) = self.sandbox_server {
+            handle.stop(true).await;
+            match task.await {
+                Ok(res) => res.map_err(ServerError::Io)?,
+                Err(err) => return Err(ServerError::Io(std::io::Error::other(err))),
+            }
+        }
         self.handle.stop(true).await;
         match self.task.await {
             Ok(res) => res.map_err(ServerError::Io),
@@ -83,6 +163,12 @@ impl RunningServer {
 
     /// Waits until the server stops (on SIGINT or SIGTERM).
     pub async fn wait(self) -> Result<(), ServerError> {
+        if let Some((_, task)) = self.sandbox_server {
+            match task.await {
+                Ok(res) => res.map_err(ServerError::Io)?,
+                Err(err) => return Err(ServerError::Io(std::io::Error::other(err))),
+            }
+        }
         match self.task.await {
             Ok(res) => res.map_err(ServerError::Io),
             Err(err) => Err(ServerError::Io(std::io::Error::other(err))),
@@ -109,6 +195,7 @@ fn provider_factory(
     config: &ProviderConfig,
     data_dir: &std::path::Path,
     env: &HashMap<String, String>,
+    endpoints: &Endpoints,
 ) -> ProviderFactory {
     let name = config.name.clone();
     match &config.backend {
@@ -135,6 +222,21 @@ fn provider_factory(
             Arc::new(
                 move || Ok(Arc::new(LocalProvider::new(settings.clone())) as Arc<dyn Provider>),
             )
+        }
+        BackendConfig::Docker(docker) => {
+            let settings = docker_settings(&name, docker, endpoints);
+            let loopback_only = endpoints.sandbox_addr.is_none()
+                && !endpoints.public_url_explicit
+                && docker.callback_url.is_none()
+                && endpoints.listen_addr.ip().is_loopback()
+                && !matches!(docker.network.as_str(), "host" | "none");
+            if loopback_only {
+                tracing::warn!(provider = %name, network = %docker.network, "containers cannot reach the loopback API listener: set sandbox_listen (e.g. 0.0.0.0:7421), public_url or the provider's callback_url");
+            }
+            tracing::info!(provider = %name, callback = ?settings.callback, network = %settings.network, "docker provider configured");
+            Arc::new(move || {
+                Ok(Arc::new(DockerProvider::new(settings.clone())) as Arc<dyn Provider>)
+            })
         }
         other => {
             let kind = other.kind().to_string();
@@ -180,6 +282,21 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
         return Err(ServerError::OpenBind { addr: local_addr });
     }
     let base_url = format!("http://{local_addr}");
+    // Serves the sandbox endpoints only (authorised by run tokens), so it may listen beyond
+    // loopback without API tokens.
+    let sandbox_listener = match &config.sandbox_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr).map_err(|source| ServerError::Listen {
+                addr: addr.clone(),
+                source,
+            })?,
+        ),
+        None => None,
+    };
+    let sandbox_addr = match &sandbox_listener {
+        Some(listener) => Some(listener.local_addr()?),
+        None => None,
+    };
     let callback_url = match &config.public_url {
         Some(url) => url.as_str().trim_end_matches('/').to_string(),
         None if local_addr.ip().is_unspecified() => {
@@ -190,24 +307,36 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
 
     let store: Arc<dyn RunStore> = match &config.store {
         StoreConfig::Memory => Arc::new(MemoryStore::new()),
-        other => {
-            return Err(ServerError::Store {
-                store: other.redacted(),
-                message: "only the in-memory store is available in this build".into(),
-            })
+        StoreConfig::Redis { url } => {
+            let store = RedisStore::open(url, &config.cluster_id, RedisSettings::default())
+                .map_err(|err| ServerError::Store {
+                    store: config.store.redacted(),
+                    message: err.to_string(),
+                })?;
+            // Connects on first use: a replica may start before Redis; /readyz tells.
+            if let Err(err) = store.ping().await {
+                tracing::warn!(store = %config.store.redacted(), error = %err, "run store not reachable yet; /readyz reports 503 until it is");
+            }
+            Arc::new(store)
         }
     };
     let data_dir = config
         .data_dir
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("codebolt-{}", config.cluster_id)));
+    let endpoints = Endpoints {
+        callback_url: callback_url.clone(),
+        public_url_explicit: config.public_url.is_some(),
+        listen_addr: local_addr,
+        sandbox_addr,
+    };
     let specs = config
         .providers
         .values()
         .map(|p| ProviderSpec {
             name: p.name.clone(),
             kind: p.kind().to_string(),
-            factory: provider_factory(p, &data_dir, &options.env),
+            factory: provider_factory(p, &data_dir, &options.env, &endpoints),
             default_resources: p.default_resources.clone(),
             max_concurrent_runs: p.max_concurrent_runs,
             cost: p.cost.clone(),
@@ -242,6 +371,14 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
             usage_interval: Duration::from_secs(10),
         }),
     };
+    let reconciler = Reconciler::new(
+        router.clone(),
+        store.clone(),
+        registry.clone(),
+        config.cluster_id.clone(),
+        RECONCILE_INTERVAL,
+    )
+    .start();
     let api_tokens = config.api_tokens.clone();
     let state = web::Data::new(AppState {
         config,
@@ -256,6 +393,26 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
         api_tokens,
     });
 
+    let sandbox_server = match sandbox_listener {
+        Some(listener) => {
+            let state = state.clone();
+            let mut server = HttpServer::new(move || {
+                App::new()
+                    .app_data(state.clone())
+                    .configure(api::sandbox_routes)
+            })
+            .listen(listener)?
+            .shutdown_timeout(5);
+            if let Some(workers) = options.workers {
+                server = server.workers(workers);
+            }
+            let server = server.run();
+            let handle = server.handle();
+            tracing::info!(listen = ?sandbox_addr, "sandbox endpoints listening");
+            Some((handle, actix_rt::spawn(server)))
+        }
+        None => None,
+    };
     let mut server =
         HttpServer::new(move || App::new().app_data(state.clone()).configure(api::routes))
             .listen(listener)?
@@ -269,6 +426,9 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
     tracing::info!(listen = %local_addr, callback_url = %callback_url, "codebolt server started");
     Ok(RunningServer {
         local_addr,
+        sandbox_addr,
+        reconciler,
+        sandbox_server,
         base_url,
         handle,
         task,
@@ -278,4 +438,52 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
 /// Runs the server until SIGINT/SIGTERM.
 pub async fn run_until_signal(options: ServerOptions) -> Result<(), ServerError> {
     start(options).await?.wait().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoints(sandbox: Option<&str>, public: bool) -> Endpoints {
+        Endpoints {
+            callback_url: "http://127.0.0.1:7420".into(),
+            public_url_explicit: public,
+            listen_addr: "127.0.0.1:7420".parse().unwrap(),
+            sandbox_addr: sandbox.map(|a| a.parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn docker_callback_is_derived_from_the_network_and_overridable() {
+        let bridge = DockerConfig::default();
+        assert_eq!(
+            docker_callback_route(&bridge, &endpoints(Some("0.0.0.0:7421"), false)),
+            CallbackRoute::NetworkGateway { port: 7421 }
+        );
+        assert_eq!(
+            docker_callback_route(&bridge, &endpoints(Some("172.17.0.1:7421"), false)),
+            CallbackRoute::Fixed("http://172.17.0.1:7421".into())
+        );
+        assert_eq!(
+            docker_callback_route(&bridge, &endpoints(Some("0.0.0.0:7421"), true)),
+            CallbackRoute::AsGiven,
+            "an explicit public_url wins"
+        );
+        let host = DockerConfig {
+            network: "host".into(),
+            ..DockerConfig::default()
+        };
+        assert_eq!(
+            docker_callback_route(&host, &endpoints(Some("0.0.0.0:7421"), false)),
+            CallbackRoute::AsGiven
+        );
+        let fixed = DockerConfig {
+            callback_url: Some("http://cp.internal:7420/".parse().unwrap()),
+            ..DockerConfig::default()
+        };
+        assert_eq!(
+            docker_callback_route(&fixed, &endpoints(None, true)),
+            CallbackRoute::Fixed("http://cp.internal:7420".into())
+        );
+    }
 }

@@ -87,6 +87,8 @@ pub struct ServerSetup {
     /// Extra YAML appended to the config file (more providers, public_url, …).
     pub extra_providers: String,
     pub public_url: Option<String>,
+    /// Extra server-level YAML appended to the config file (cluster_id, sandbox_listen, …).
+    pub extra_config: String,
 }
 
 impl Default for ServerSetup {
@@ -95,6 +97,7 @@ impl Default for ServerSetup {
             timeouts: fast_timeouts(),
             extra_providers: String::new(),
             public_url: None,
+            extra_config: String::new(),
         }
     }
 }
@@ -116,6 +119,7 @@ impl TestServer {
         if let Some(url) = &setup.public_url {
             yaml.push_str(&format!("public_url: {url}\n"));
         }
+        yaml.push_str(&setup.extra_config);
         let config = config_dir.path().join("codebolt.yaml");
         std::fs::write(&config, yaml).expect("config");
         let server = codebolt::server::start(ServerOptions {

@@ -10,6 +10,25 @@ use actix_web::{error, web, HttpResponse};
 
 use crate::server::error::ApiError;
 
+/// The sandbox endpoints alone (shim connect and bundle download, authorised by run tokens),
+/// for the `sandbox_listen` listener.
+pub fn sandbox_routes(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(
+        web::PathConfig::default()
+            .error_handler(|err, _| ApiError::invalid(format!("path: {err}")).into()),
+    )
+    .service(
+        web::scope("/v1/sandbox")
+            .route("/connect", web::get().to(sandbox::connect))
+            .route("/runs/{id}/bundle/{sha256}", web::get().to(sandbox::bundle)),
+    )
+    .default_service(web::to(|| async {
+        HttpResponse::NotFound().json(serde_json::json!({
+            "error": {"code": "not_found", "message": "this listener serves the sandbox endpoints only"}
+        }))
+    }));
+}
+
 /// Every route of the API and the sandbox endpoints.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.app_data(

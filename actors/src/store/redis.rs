@@ -1,0 +1,1127 @@
+//! Run store shared by the replicas of a cluster, kept in Redis (6.2 or later).
+//!
+//! # Key layout
+//!
+//! Every key starts with `codebolt:{<cluster_id>}:`; the braces make the cluster id a Redis
+//! Cluster hash tag, so all keys of one cluster live in one slot and the Lua scripts below may
+//! touch several of them.
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `run:<id>` | string | the run record as JSON |
+//! | `runs` | sorted set | run ids, score = creation time in ms; equal scores order by id |
+//! | `idem:<key>` | string | the run id an idempotency key created |
+//! | `events:<id>` | stream | the run's events; entry id `<index>-0`, fields `at` (unix ns), `kind` (JSON) |
+//! | `logs:<id>:agent`, `logs:<id>:provider` | stream | log lines, entry id `<index>-0`, fields `at`, `stream`, `line`; a `closed` marker entry `<n>-<k>` (k ≥ 1) once the logs are closed |
+//! | `logs_closed:<id>` | string | set when the run's logs are closed |
+//! | `token:<sha256>` | string | the token record as JSON, expiring (PXAT) when the token does |
+//! | `tokens:<run id>` | set | hashes of the run's tokens, so revocation finds them; expires with the last token |
+//!
+//! Creating a run (record, order index and idempotency key), appending events or log lines and
+//! closing logs are Lua scripts, so they are atomic across replicas: one idempotency key yields
+//! one run, and the index of an event or a log line (its stream entry id) is dense from 1 and the
+//! same on every replica. Listing walks `runs` newest first; the cursor is `<score>:<id>` of the
+//! last run returned, and filters are applied while walking, so a page holds `limit` matching
+//! runs whenever that many remain.
+//!
+//! Followers read history with `XRANGE`, then wait for new entries with `XREAD BLOCK` on a
+//! connection of their own (the shared connection manager is never blocked). An event follower
+//! ends after the run's final event; a log follower ends once it has read past the `closed`
+//! marker (or, starting after it, once it finds `logs_closed` set).
+//!
+//! Every call has a deadline: a Redis that is down or does not answer yields
+//! [`StoreError::Unavailable`] naming its address (never its credentials) within
+//! [`RedisSettings::op_timeout`], and the store reconnects by itself once Redis is back.
+//!
+//! Nothing expires but tokens: records, events and logs are kept until removed by hand.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures_util::stream::{self, StreamExt};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
+use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, Script};
+use serde::{Deserialize, Serialize};
+use tokio::sync::OnceCell;
+
+use super::{
+    CreateOutcome, EventStream, LogLineStream, RunFilter, RunPage, RunStore, StoreError,
+    TokenRecord,
+};
+use crate::model::{EventKind, LogLine, LogSource, RunEvent, RunId, RunRecord};
+
+/// Entries read per `XRANGE` / `XREAD`.
+const STREAM_BATCH: usize = 500;
+
+/// Timeouts of the store.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// One attempt to open a connection.
+    pub connect_timeout: Duration,
+    /// One command on an open connection.
+    pub response_timeout: Duration,
+    /// One store call, reconnecting included; past it the call fails as unavailable.
+    pub op_timeout: Duration,
+    /// How long a follower's `XREAD BLOCK` waits before asking again.
+    pub follow_block: Duration,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        RedisSettings {
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(2),
+            op_timeout: Duration::from_secs(3),
+            follow_block: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Creates a run: record, order index and idempotency key, or reports the existing run.
+/// KEYS: run, runs, [idem]. ARGV: record json, score, id, run key prefix.
+const CREATE_RUN: &str = r"
+if KEYS[3] then
+  local existing = redis.call('GET', KEYS[3])
+  if existing then
+    local rec = redis.call('GET', ARGV[4] .. existing)
+    if rec then return {'existing', rec} end
+    return {'missing', existing}
+  end
+end
+local current = redis.call('GET', KEYS[1])
+if current then return {'existing', current} end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+if KEYS[3] then redis.call('SET', KEYS[3], ARGV[3]) end
+return {'created'}
+";
+
+/// Appends entries `<n+1>-0`, `<n+2>-0`, … to a stream whose last entry is `<n>-<k>`.
+/// KEYS: run, stream. ARGV: at, then field/value lists of `ARGV[2]` fields each.
+/// Returns the index of the last entry appended, or -1 when the run does not exist.
+const APPEND: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+local n = 0
+if #last > 0 then n = tonumber(string.match(last[1][1], '^(%d+)')) end
+local width = tonumber(ARGV[2])
+local i = 3
+while i + width - 1 <= #ARGV do
+  n = n + 1
+  local entry = {'XADD', KEYS[2], string.format('%d-0', n), 'at', ARGV[1]}
+  for j = 0, width - 1, 2 do
+    table.insert(entry, ARGV[i + j])
+    table.insert(entry, ARGV[i + j + 1])
+  end
+  redis.call(unpack(entry))
+  i = i + width
+end
+return n
+";
+
+/// Sets the run's `logs_closed` flag and adds a `closed` marker `<n>-<k+1>` after the last entry
+/// `<n>-<k>` of each log stream (waking blocked followers). KEYS: run, flag, log streams….
+const CLOSE_LOGS: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+redis.call('SET', KEYS[2], '1')
+for i = 3, #KEYS do
+  local last = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)
+  local n, k = 0, 0
+  if #last > 0 then
+    local a, b = string.match(last[1][1], '^(%d+)-(%d+)$')
+    n, k = tonumber(a), tonumber(b)
+  end
+  redis.call('XADD', KEYS[i], string.format('%d-%d', n, k + 1), 'closed', '1')
+end
+return 0
+";
+
+/// KEYS: token, run's token index. ARGV: record json, expiry (unix ms), hash, now (unix ms).
+const PUT_TOKEN: &str = r"
+redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[2])
+local wanted = tonumber(ARGV[2]) - tonumber(ARGV[4])
+if wanted <= 0 then return 0 end
+redis.call('SADD', KEYS[2], ARGV[3])
+local ttl = redis.call('PTTL', KEYS[2])
+if ttl < wanted then redis.call('PEXPIRE', KEYS[2], wanted) end
+return 0
+";
+
+/// Marks every token of a run revoked, keeping their expiry. KEYS: run's token index.
+/// ARGV: token key prefix.
+const REVOKE_TOKENS: &str = r"
+for _, hash in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local key = ARGV[1] .. hash
+  local raw = redis.call('GET', key)
+  if raw then
+    local doc = cjson.decode(raw)
+    doc['revoked'] = true
+    redis.call('SET', key, cjson.encode(doc), 'KEEPTTL')
+  else
+    redis.call('SREM', KEYS[1], hash)
+  end
+end
+return 0
+";
+
+/// A token record as stored.
+#[derive(Serialize, Deserialize)]
+struct TokenDoc {
+    run_id: RunId,
+    expires_at: DateTime<Utc>,
+    revoked: bool,
+}
+
+struct Scripts {
+    create_run: Script,
+    append: Script,
+    close_logs: Script,
+    put_token: Script,
+    revoke_tokens: Script,
+}
+
+struct Inner {
+    client: Client,
+    /// `host:port` of the server, for messages (never the credentials).
+    addr: String,
+    prefix: String,
+    settings: RedisSettings,
+    manager: OnceCell<ConnectionManager>,
+    scripts: Scripts,
+}
+
+/// The Redis-backed [`RunStore`]; cheap to clone.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("addr", &self.inner.addr)
+            .field("prefix", &self.inner.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which of a run's journals a follower reads.
+#[derive(Clone, Copy)]
+enum Journal {
+    Events,
+    Logs,
+}
+
+impl RedisStore {
+    /// A store for `cluster_id` at `url` (`redis://[user:password@]host[:port][/db]`). Connects on
+    /// first use, so a control plane can start while Redis is still coming up (`ping` tells).
+    pub fn open(url: &str, cluster_id: &str, settings: RedisSettings) -> Result<Self, StoreError> {
+        let client = Client::open(url).map_err(|err| StoreError::Backend {
+            message: format!("invalid redis url: {err}"),
+        })?;
+        let addr = client.get_connection_info().addr.to_string();
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                client,
+                addr,
+                prefix: format!("codebolt:{{{cluster_id}}}:"),
+                settings,
+                manager: OnceCell::new(),
+                scripts: Scripts {
+                    create_run: Script::new(CREATE_RUN),
+                    append: Script::new(APPEND),
+                    close_logs: Script::new(CLOSE_LOGS),
+                    put_token: Script::new(PUT_TOKEN),
+                    revoke_tokens: Script::new(REVOKE_TOKENS),
+                },
+            }),
+        })
+    }
+
+    /// `host:port` of the Redis server.
+    pub fn addr(&self) -> &str {
+        &self.inner.addr
+    }
+}
+
+impl Inner {
+    fn key(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.prefix)
+    }
+
+    fn run_key(&self, id: RunId) -> String {
+        self.key(&format!("run:{id}"))
+    }
+
+    fn journal_key(&self, id: RunId, journal: Journal, source: LogSource) -> String {
+        match journal {
+            Journal::Events => self.key(&format!("events:{id}")),
+            Journal::Logs => self.logs_key(id, source),
+        }
+    }
+
+    fn logs_key(&self, id: RunId, source: LogSource) -> String {
+        let source = match source {
+            LogSource::Agent => "agent",
+            LogSource::Provider => "provider",
+        };
+        self.key(&format!("logs:{id}:{source}"))
+    }
+
+    fn unavailable(&self, message: impl std::fmt::Display) -> StoreError {
+        StoreError::Unavailable {
+            message: format!("redis at {}: {message}", self.addr),
+        }
+    }
+
+    /// Outages (connection refused or dropped, timeouts, a server loading or refusing writes,
+    /// authentication) are `Unavailable`; answers this build cannot use are `Backend`.
+    fn error(&self, err: RedisError) -> StoreError {
+        match err.kind() {
+            ErrorKind::ResponseError
+            | ErrorKind::TypeError
+            | ErrorKind::ExtensionError
+            | ErrorKind::ParseError
+            | ErrorKind::NoScriptError
+            | ErrorKind::CrossSlot
+            | ErrorKind::ClientError
+                if !err.is_io_error() && !err.is_timeout() =>
+            {
+                StoreError::Backend {
+                    message: format!("redis at {}: {err}", self.addr),
+                }
+            }
+            _ => self.unavailable(err),
+        }
+    }
+
+    fn corrupt(&self, key: &str, message: impl std::fmt::Display) -> StoreError {
+        StoreError::Backend {
+            message: format!(
+                "redis at {}: unreadable entry in {key}: {message}",
+                self.addr
+            ),
+        }
+    }
+
+    async fn manager(&self) -> Result<ConnectionManager, StoreError> {
+        let manager = self
+            .manager
+            .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(self.settings.connect_timeout)
+                    .set_response_timeout(self.settings.response_timeout)
+                    // One attempt per call: a call fails fast while Redis is away, and the
+                    // next call connects again.
+                    .set_number_of_retries(0);
+                ConnectionManager::new_with_config(self.client.clone(), config)
+                    .await
+                    .map_err(|err| self.unavailable(err))
+            })
+            .await?;
+        Ok(manager.clone())
+    }
+
+    /// Runs one store call on the shared connection, within the call deadline.
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let deadline = self.settings.op_timeout;
+        let work = async {
+            let conn = self.manager().await?;
+            f(conn).await
+        };
+        match tokio::time::timeout(deadline, work).await {
+            Ok(result) => result,
+            Err(_) => {
+                Err(self.unavailable(format_args!("no answer within {} ms", deadline.as_millis())))
+            }
+        }
+    }
+
+    /// A connection of a follower's own, for blocking reads.
+    async fn follower_connection(&self) -> Result<MultiplexedConnection, StoreError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(self.settings.connect_timeout)
+            .set_response_timeout(self.settings.follow_block + self.settings.response_timeout);
+        match tokio::time::timeout(
+            self.settings.op_timeout,
+            self.client
+                .get_multiplexed_async_connection_with_config(&config),
+        )
+        .await
+        {
+            Ok(result) => result.map_err(|err| self.unavailable(err)),
+            Err(_) => Err(self.unavailable("could not connect in time")),
+        }
+    }
+
+    async fn run_exists(&self, id: RunId) -> Result<bool, StoreError> {
+        self.exists(&self.run_key(id)).await
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        self.call(move |mut conn| async move {
+            redis::cmd("EXISTS")
+                .arg(key)
+                .query_async::<bool>(&mut conn)
+                .await
+                .map_err(|err| self.error(err))
+        })
+        .await
+    }
+
+    /// Entries after `last` (exclusive), at most one batch.
+    async fn range_after(&self, key: &str, last: &str) -> Result<Vec<StreamId>, StoreError> {
+        self.call(move |mut conn| async move {
+            redis::cmd("XRANGE")
+                .arg(key)
+                .arg(format!("({last}"))
+                .arg("+")
+                .arg("COUNT")
+                .arg(STREAM_BATCH)
+                .query_async::<StreamRangeReply>(&mut conn)
+                .await
+                .map(|reply| reply.ids)
+                .map_err(|err| self.error(err))
+        })
+        .await
+    }
+
+    async fn last_entry(&self, key: &str) -> Result<Option<StreamId>, StoreError> {
+        self.call(move |mut conn| async move {
+            redis::cmd("XREVRANGE")
+                .arg(key)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query_async::<StreamRangeReply>(&mut conn)
+                .await
+                .map(|reply| reply.ids.into_iter().next())
+                .map_err(|err| self.error(err))
+        })
+        .await
+    }
+
+    /// Entries after `last`, waiting up to `follow_block` for the first.
+    async fn read_blocking(
+        &self,
+        conn: &mut MultiplexedConnection,
+        key: &str,
+        last: &str,
+    ) -> Result<Vec<StreamId>, StoreError> {
+        let reply = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(STREAM_BATCH)
+            .arg("BLOCK")
+            .arg(self.settings.follow_block.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(key)
+            .arg(last)
+            .query_async::<Option<StreamReadReply>>(conn)
+            .await
+            .map_err(|err| self.error(err))?;
+        Ok(reply
+            .into_iter()
+            .flat_map(|r| r.keys)
+            .flat_map(|k| k.ids)
+            .collect())
+    }
+}
+
+/// Index and sequence of a stream entry id `<index>-<seq>`.
+fn parse_entry_id(id: &str) -> Option<(u64, u64)> {
+    let (index, seq) = id.split_once('-')?;
+    Some((index.parse().ok()?, seq.parse().ok()?))
+}
+
+fn field(entry: &StreamId, name: &str) -> Result<String, String> {
+    entry
+        .get::<String>(name)
+        .ok_or_else(|| format!("entry {} has no field `{name}`", entry.id))
+}
+
+fn timestamp_field(entry: &StreamId) -> Result<DateTime<Utc>, String> {
+    let nanos: i64 = field(entry, "at")?
+        .parse()
+        .map_err(|err| format!("entry {}: bad `at`: {err}", entry.id))?;
+    Ok(DateTime::from_timestamp_nanos(nanos))
+}
+
+fn timestamp_arg(at: DateTime<Utc>) -> String {
+    // Out of range only after the year 2262.
+    at.timestamp_nanos_opt().unwrap_or(i64::MAX).to_string()
+}
+
+fn decode_event(entry: &StreamId) -> Result<RunEvent, String> {
+    let (index, _) =
+        parse_entry_id(&entry.id).ok_or_else(|| format!("bad entry id {}", entry.id))?;
+    let kind: EventKind = serde_json::from_str(&field(entry, "kind")?)
+        .map_err(|err| format!("entry {}: {err}", entry.id))?;
+    Ok(RunEvent {
+        index,
+        at: timestamp_field(entry)?,
+        kind,
+    })
+}
+
+/// A log line, or `None` for the `closed` marker.
+fn decode_log(entry: &StreamId) -> Result<Option<LogLine>, String> {
+    if entry.contains_key("closed") {
+        return Ok(None);
+    }
+    let (index, _) =
+        parse_entry_id(&entry.id).ok_or_else(|| format!("bad entry id {}", entry.id))?;
+    Ok(Some(LogLine {
+        index,
+        at: timestamp_field(entry)?,
+        stream: field(entry, "stream")?,
+        line: field(entry, "line")?,
+    }))
+}
+
+/// Position in the newest-first listing: creation time in ms, then id.
+#[derive(Debug, Clone, PartialEq)]
+struct ListCursor {
+    score: i64,
+    id: String,
+}
+
+impl ListCursor {
+    fn parse(raw: &str) -> Option<ListCursor> {
+        let (score, id) = raw.split_once(':')?;
+        let id = uuid::Uuid::parse_str(id).ok()?;
+        Some(ListCursor {
+            score: score.parse().ok()?,
+            id: id.to_string(),
+        })
+    }
+
+    fn encode(&self) -> String {
+        format!("{}:{}", self.score, self.id)
+    }
+}
+
+/// Reads a journal: history after `after`, then, with `follow`, live entries until `end`.
+struct Follower {
+    inner: Arc<Inner>,
+    key: String,
+    /// Set once the journal is complete (`logs_closed:<id>`), for logs.
+    closed_flag: Option<String>,
+    journal: Journal,
+    follow: bool,
+    /// Stream id of the last entry read.
+    last_id: String,
+    pending: VecDeque<StreamId>,
+    history_done: bool,
+    /// A log's `closed` marker was read: finish once nothing more is there.
+    closed: bool,
+    finished: bool,
+    conn: Option<MultiplexedConnection>,
+}
+
+/// What a follower hands out.
+enum Item {
+    Event(RunEvent),
+    Log(LogLine),
+}
+
+impl Follower {
+    fn new(
+        inner: Arc<Inner>,
+        run_id: RunId,
+        journal: Journal,
+        source: LogSource,
+        after: u64,
+        follow: bool,
+    ) -> Self {
+        let key = inner.journal_key(run_id, journal, source);
+        let closed_flag = match journal {
+            Journal::Events => None,
+            Journal::Logs => Some(inner.key(&format!("logs_closed:{run_id}"))),
+        };
+        Follower {
+            inner,
+            key,
+            closed_flag,
+            journal,
+            follow,
+            // Exclusive: the first line read is `<after+1>-0`, or the marker `<after>-k` if the
+            // logs were closed right after line `after`.
+            last_id: format!("{after}-0"),
+            pending: VecDeque::new(),
+            history_done: false,
+            closed: false,
+            finished: false,
+            conn: None,
+        }
+    }
+
+    async fn next_item(&mut self) -> Option<Result<Item, StoreError>> {
+        loop {
+            if self.finished {
+                return None;
+            }
+            if let Some(entry) = self.pending.pop_front() {
+                self.last_id.clone_from(&entry.id);
+                match self.journal {
+                    Journal::Events => match decode_event(&entry) {
+                        Ok(event) => {
+                            self.finished = event.kind.is_final();
+                            return Some(Ok(Item::Event(event)));
+                        }
+                        Err(message) => return Some(Err(self.fail(message))),
+                    },
+                    Journal::Logs => match decode_log(&entry) {
+                        Ok(Some(line)) => return Some(Ok(Item::Log(line))),
+                        Ok(None) => {
+                            self.closed = true;
+                            continue;
+                        }
+                        Err(message) => return Some(Err(self.fail(message))),
+                    },
+                }
+            }
+            if let Err(err) = self.refill().await {
+                self.finished = true;
+                return Some(Err(err));
+            }
+        }
+    }
+
+    fn fail(&mut self, message: String) -> StoreError {
+        self.finished = true;
+        self.inner.corrupt(&self.key, message)
+    }
+
+    /// Fills `pending`, or marks the follower finished.
+    async fn refill(&mut self) -> Result<(), StoreError> {
+        if !self.history_done || self.closed {
+            let batch = self.inner.range_after(&self.key, &self.last_id).await?;
+            if !batch.is_empty() {
+                self.pending = batch.into();
+                return Ok(());
+            }
+            self.history_done = true;
+            if !self.follow || self.closed || self.already_ended().await? {
+                self.finished = true;
+                return Ok(());
+            }
+        }
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => self.conn.insert(self.inner.follower_connection().await?),
+        };
+        let batch = self
+            .inner
+            .read_blocking(conn, &self.key, &self.last_id)
+            .await?;
+        self.pending = batch.into();
+        Ok(())
+    }
+
+    /// Whether the journal was complete before the part this follower reads (a follower that
+    /// starts after a run's final event, or after the logs closed).
+    async fn already_ended(&self) -> Result<bool, StoreError> {
+        if let Some(flag) = &self.closed_flag {
+            return self.inner.exists(flag).await;
+        }
+        let Some(last) = self.inner.last_entry(&self.key).await? else {
+            return Ok(false);
+        };
+        Ok(decode_event(&last).is_ok_and(|e| e.kind.is_final()))
+    }
+
+    fn into_stream(self) -> impl futures_util::Stream<Item = Result<Item, StoreError>> + Send {
+        stream::unfold(self, |mut follower| async move {
+            let item = follower.next_item().await?;
+            Some((item, follower))
+        })
+    }
+}
+
+#[async_trait]
+impl RunStore for RedisStore {
+    async fn create_run(
+        &self,
+        record: &RunRecord,
+        idempotency_key: Option<&str>,
+    ) -> Result<CreateOutcome, StoreError> {
+        let inner = &self.inner;
+        let json = serde_json::to_string(record).map_err(|err| StoreError::Backend {
+            message: format!("could not encode run {}: {err}", record.id),
+        })?;
+        let (run_key, json) = (&inner.run_key(record.id), &json);
+        let reply: Vec<String> = inner
+            .call(move |mut conn| async move {
+                let mut invocation = inner.scripts.create_run.key(run_key);
+                invocation.key(inner.key("runs"));
+                if let Some(key) = idempotency_key {
+                    invocation.key(inner.key(&format!("idem:{key}")));
+                }
+                invocation
+                    .arg(json)
+                    .arg(record.created_at.timestamp_millis())
+                    .arg(record.id.to_string())
+                    .arg(inner.key("run:"))
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))
+            })
+            .await?;
+        match reply.as_slice() {
+            [created] if created == "created" => Ok(CreateOutcome::Created),
+            [existing, json] if existing == "existing" => serde_json::from_str(json)
+                .map(|r| CreateOutcome::Existing(Box::new(r)))
+                .map_err(|err| inner.corrupt("a run record", err)),
+            [missing, id] if missing == "missing" => Err(StoreError::RunNotFound {
+                run_id: id.parse().map_err(|err| inner.corrupt("idem", err))?,
+            }),
+            other => Err(inner.corrupt("create_run", format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn put_run(&self, record: &RunRecord) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let json = serde_json::to_string(record).map_err(|err| StoreError::Backend {
+            message: format!("could not encode run {}: {err}", record.id),
+        })?;
+        let (key, json) = (&inner.run_key(record.id), &json);
+        let replaced: Option<String> = inner
+            .call(move |mut conn| async move {
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(json)
+                    .arg("XX")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))
+            })
+            .await?;
+        match replaced {
+            Some(_) => Ok(()),
+            None => Err(StoreError::RunNotFound { run_id: record.id }),
+        }
+    }
+
+    async fn get_run(&self, id: RunId) -> Result<Option<RunRecord>, StoreError> {
+        let inner = &self.inner;
+        let key = &inner.run_key(id);
+        let raw: Option<String> = inner
+            .call(move |mut conn| async move {
+                redis::cmd("GET")
+                    .arg(key)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))
+            })
+            .await?;
+        raw.map(|json| serde_json::from_str(&json).map_err(|err| inner.corrupt(key, err)))
+            .transpose()
+    }
+
+    async fn list_runs(
+        &self,
+        filter: &RunFilter,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<RunPage, StoreError> {
+        let inner = &self.inner;
+        let mut bound = match cursor {
+            None => None,
+            Some(raw) => Some(ListCursor::parse(raw).ok_or_else(|| StoreError::BadCursor {
+                cursor: raw.to_string(),
+            })?),
+        };
+        let mut runs = Vec::new();
+        if limit == 0 {
+            return Ok(RunPage {
+                runs,
+                next_cursor: None,
+            });
+        }
+        let order = &inner.key("runs");
+        let batch = limit.clamp(16, 500);
+        // Walk: runs created in the same ms as the bound and ordered after it, then one batch of
+        // older ones; repeat from the last run seen.
+        loop {
+            let bound_ref = &bound;
+            let candidates: Vec<ListCursor> = inner
+                .call(move |mut conn| async move {
+                    let mut found = Vec::new();
+                    if let Some(b) = bound_ref {
+                        let same: Vec<String> = redis::cmd("ZREVRANGEBYSCORE")
+                            .arg(order)
+                            .arg(b.score)
+                            .arg(b.score)
+                            .query_async(&mut conn)
+                            .await
+                            .map_err(|err| inner.error(err))?;
+                        found.extend(
+                            same.into_iter()
+                                .filter(|id| *id < b.id)
+                                .map(|id| ListCursor { score: b.score, id }),
+                        );
+                    }
+                    let max = bound_ref
+                        .as_ref()
+                        .map_or_else(|| "+inf".to_string(), |b| format!("({}", b.score));
+                    let older: Vec<(String, f64)> = redis::cmd("ZREVRANGEBYSCORE")
+                        .arg(order)
+                        .arg(max)
+                        .arg("-inf")
+                        .arg("WITHSCORES")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(batch)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(|err| inner.error(err))?;
+                    found.extend(older.into_iter().map(|(id, score)| ListCursor {
+                        score: score as i64,
+                        id,
+                    }));
+                    Ok(found)
+                })
+                .await?;
+            if candidates.is_empty() {
+                return Ok(RunPage {
+                    runs,
+                    next_cursor: None,
+                });
+            }
+            let keys: &Vec<String> = &candidates
+                .iter()
+                .map(|c| inner.key(&format!("run:{}", c.id)))
+                .collect();
+            let records: Vec<Option<String>> = inner
+                .call(move |mut conn| async move {
+                    redis::cmd("MGET")
+                        .arg(keys)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(|err| inner.error(err))
+                })
+                .await?;
+            for (position, (candidate, raw)) in candidates.iter().zip(records).enumerate() {
+                bound = Some(candidate.clone());
+                let Some(raw) = raw else { continue };
+                let record: RunRecord = serde_json::from_str(&raw)
+                    .map_err(|err| inner.corrupt(&keys[position], err))?;
+                if !filter.matches(&record) {
+                    continue;
+                }
+                runs.push(record);
+                if runs.len() == limit {
+                    let more =
+                        position + 1 < candidates.len() || self.any_before(candidate).await?;
+                    return Ok(RunPage {
+                        runs,
+                        next_cursor: more.then(|| candidate.encode()),
+                    });
+                }
+            }
+        }
+    }
+
+    async fn append_event(&self, id: RunId, kind: EventKind) -> Result<RunEvent, StoreError> {
+        let inner = &self.inner;
+        let at = Utc::now();
+        let json = serde_json::to_string(&kind).map_err(|err| StoreError::Backend {
+            message: format!("could not encode an event of run {id}: {err}"),
+        })?;
+        let json = &json;
+        let index: i64 = inner
+            .call(move |mut conn| async move {
+                inner
+                    .scripts
+                    .append
+                    .key(inner.run_key(id))
+                    .key(inner.journal_key(id, Journal::Events, LogSource::Agent))
+                    .arg(timestamp_arg(at))
+                    .arg(2)
+                    .arg("kind")
+                    .arg(json)
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))
+            })
+            .await?;
+        let index = u64::try_from(index).map_err(|_| StoreError::RunNotFound { run_id: id })?;
+        Ok(RunEvent { index, at, kind })
+    }
+
+    async fn events(&self, id: RunId, after: u64, follow: bool) -> Result<EventStream, StoreError> {
+        let inner = &self.inner;
+        if !inner.run_exists(id).await? {
+            return Err(StoreError::RunNotFound { run_id: id });
+        }
+        let follower = Follower::new(
+            inner.clone(),
+            id,
+            Journal::Events,
+            LogSource::Agent,
+            after,
+            follow,
+        );
+        Ok(follower
+            .into_stream()
+            .filter_map(|item| async move {
+                match item {
+                    Ok(Item::Event(event)) => Some(Ok(event)),
+                    Ok(Item::Log(_)) => None,
+                    Err(err) => Some(Err(err)),
+                }
+            })
+            .boxed())
+    }
+
+    async fn append_logs(
+        &self,
+        id: RunId,
+        source: LogSource,
+        lines: Vec<(String, String)>,
+    ) -> Result<(), StoreError> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let inner = &self.inner;
+        let (at, lines) = (&timestamp_arg(Utc::now()), &lines);
+        let appended: i64 = inner
+            .call(move |mut conn| async move {
+                let mut invocation = inner.scripts.append.key(inner.run_key(id));
+                invocation.key(inner.logs_key(id, source)).arg(at).arg(4);
+                for (stream, line) in lines {
+                    invocation.arg("stream").arg(stream).arg("line").arg(line);
+                }
+                invocation
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))
+            })
+            .await?;
+        if appended < 0 {
+            return Err(StoreError::RunNotFound { run_id: id });
+        }
+        Ok(())
+    }
+
+    async fn logs(
+        &self,
+        id: RunId,
+        source: LogSource,
+        after: u64,
+        follow: bool,
+    ) -> Result<LogLineStream, StoreError> {
+        let inner = &self.inner;
+        if !inner.run_exists(id).await? {
+            return Err(StoreError::RunNotFound { run_id: id });
+        }
+        let follower = Follower::new(inner.clone(), id, Journal::Logs, source, after, follow);
+        Ok(follower
+            .into_stream()
+            .filter_map(|item| async move {
+                match item {
+                    Ok(Item::Log(line)) => Some(Ok(line)),
+                    Ok(Item::Event(_)) => None,
+                    Err(err) => Some(Err(err)),
+                }
+            })
+            .boxed())
+    }
+
+    async fn close_logs(&self, id: RunId) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let status: i64 = inner
+            .call(move |mut conn| async move {
+                inner
+                    .scripts
+                    .close_logs
+                    .key(inner.run_key(id))
+                    .key(inner.key(&format!("logs_closed:{id}")))
+                    .key(inner.logs_key(id, LogSource::Agent))
+                    .key(inner.logs_key(id, LogSource::Provider))
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))
+            })
+            .await?;
+        if status < 0 {
+            return Err(StoreError::RunNotFound { run_id: id });
+        }
+        Ok(())
+    }
+
+    async fn put_token(&self, token_hash: &str, record: &TokenRecord) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let doc = TokenDoc {
+            run_id: record.run_id,
+            expires_at: record.expires_at,
+            revoked: record.revoked,
+        };
+        let json = serde_json::to_string(&doc).map_err(|err| StoreError::Backend {
+            message: format!("could not encode a token record: {err}"),
+        })?;
+        let json = &json;
+        inner
+            .call(move |mut conn| async move {
+                inner
+                    .scripts
+                    .put_token
+                    .key(inner.key(&format!("token:{token_hash}")))
+                    .key(inner.key(&format!("tokens:{}", record.run_id)))
+                    .arg(json)
+                    .arg(record.expires_at.timestamp_millis())
+                    .arg(token_hash)
+                    .arg(Utc::now().timestamp_millis())
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn get_token(&self, token_hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let inner = &self.inner;
+        let key = &inner.key(&format!("token:{token_hash}"));
+        let raw: Option<String> = inner
+            .call(move |mut conn| async move {
+                redis::cmd("GET")
+                    .arg(key)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))
+            })
+            .await?;
+        let Some(raw) = raw else { return Ok(None) };
+        let doc: TokenDoc = serde_json::from_str(&raw).map_err(|err| inner.corrupt(key, err))?;
+        Ok(Some(TokenRecord {
+            run_id: doc.run_id,
+            expires_at: doc.expires_at,
+            revoked: doc.revoked,
+        }))
+    }
+
+    async fn revoke_tokens(&self, id: RunId) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        inner
+            .call(move |mut conn| async move {
+                inner
+                    .scripts
+                    .revoke_tokens
+                    .key(inner.key(&format!("tokens:{id}")))
+                    .arg(inner.key("token:"))
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        inner
+            .call(move |mut conn| async move {
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+impl RedisStore {
+    /// Whether any run is ordered after `position` in the newest-first listing.
+    async fn any_before(&self, position: &ListCursor) -> Result<bool, StoreError> {
+        let inner = &self.inner;
+        let order = &inner.key("runs");
+        inner
+            .call(move |mut conn| async move {
+                let older: i64 = redis::cmd("ZCOUNT")
+                    .arg(order)
+                    .arg("-inf")
+                    .arg(format!("({}", position.score))
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))?;
+                if older > 0 {
+                    return Ok(true);
+                }
+                let same: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                    .arg(order)
+                    .arg(position.score)
+                    .arg(position.score)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))?;
+                Ok(same.iter().any(|id| *id < position.id))
+            })
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_round_trips_and_refuses_garbage() {
+        let id = uuid::Uuid::new_v4().to_string();
+        let cursor = ListCursor {
+            score: 1_700_000_000_123,
+            id: id.clone(),
+        };
+        assert_eq!(ListCursor::parse(&cursor.encode()), Some(cursor));
+        for bad in ["", "zz", "12", "12:nope", &format!("x:{id}")] {
+            assert_eq!(ListCursor::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn entry_ids_parse() {
+        assert_eq!(parse_entry_id("12-0"), Some((12, 0)));
+        assert_eq!(parse_entry_id("3-1"), Some((3, 1)));
+        assert_eq!(parse_entry_id("3"), None);
+        assert_eq!(parse_entry_id("a-1"), None);
+    }
+
+    #[test]
+    fn keys_carry_the_cluster_hash_tag() {
+        let store = RedisStore::open(
+            "redis://:secret@127.0.0.1:6390/0",
+            "blue",
+            RedisSettings::default(),
+        )
+        .unwrap();
+        assert_eq!(store.inner.key("runs"), "codebolt:{blue}:runs");
+        assert_eq!(store.addr(), "127.0.0.1:6390");
+        assert!(!format!("{store:?}").contains("secret"));
+    }
+
+    #[test]
+    fn timestamps_keep_nanoseconds() {
+        let at = Utc::now();
+        let entry = StreamId {
+            id: "1-0".into(),
+            map: [(
+                "at".to_string(),
+                redis::Value::BulkString(timestamp_arg(at).into_bytes()),
+            )]
+            .into_iter()
+            .collect(),
+        };
+        assert_eq!(timestamp_field(&entry).unwrap(), at);
+    }
+}

@@ -1,0 +1,218 @@
+//! `toolcall`: the round trip of a tool call, agent → shim → server → shim → agent, next to the
+//! server's share of it (a simulated shim) and the physical floor (a bare WebSocket echo).
+
+use std::path::PathBuf;
+
+use actors::model::RunState;
+use agent_shim::protocol::{ServerMessage, ShimMessage};
+use anyhow::{bail, ensure, Context};
+use clap::Args;
+use serde_json::json;
+
+use crate::agent::AgentReport;
+use crate::fixture::{self, shell_quote, Api, InProcessServer, LocalProvider, Workspace};
+use crate::stats::{self, Summary};
+use crate::{echo, sim_shim};
+
+/// The target: a tool call's round trip, at p50, within twice the echo floor.
+const TARGET_RATIO: f64 = 2.0;
+
+#[derive(Debug, Args)]
+pub struct ToolcallArgs {
+    /// Measured round trips of each variant.
+    #[arg(long, default_value_t = 2000)]
+    calls: u64,
+    /// Round trips made first and left out of the figures.
+    #[arg(long, default_value_t = 200)]
+    warmup: u64,
+    /// Size of the workspace's README.md, the file each `fs.read_file` call reads.
+    #[arg(long, default_value_t = 1024)]
+    file_bytes: usize,
+    /// HTTP worker threads of the server.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Leave out the simulated-shim variant.
+    #[arg(long)]
+    no_sim_shim: bool,
+    /// The agent-shim binary; by default the one next to this binary.
+    #[arg(long)]
+    shim: Option<PathBuf>,
+}
+
+const TOOL: &str = "fs.read_file";
+const PATH: &str = "README.md";
+
+struct Row {
+    label: &'static str,
+    latency: Summary,
+    per_s: f64,
+    frames: String,
+}
+
+pub async fn run(args: ToolcallArgs) -> anyhow::Result<()> {
+    let shim = fixture::shim_binary(args.shim.as_deref())?;
+    let exe = std::env::current_exe().context("path of the load-tests binary")?;
+    let workspace = Workspace::new(args.file_bytes)?;
+    let readme = std::fs::read_to_string(workspace.path().join(PATH))?;
+    let agent_command = format!(
+        "{} agent --calls {} --warmup {} --tool {} --path {}",
+        shell_quote(&exe.display().to_string()),
+        args.calls,
+        args.warmup,
+        TOOL,
+        PATH
+    );
+    workspace.agent("toolcall", &agent_command)?;
+    let scripts = tempfile::Builder::new()
+        .prefix("codebolt-load-bin-")
+        .tempdir()?;
+    let server = InProcessServer::start(
+        workspace.path(),
+        &[
+            LocalProvider {
+                name: "local".into(),
+                shim_path: shim,
+            },
+            LocalProvider {
+                name: sim_shim::PROVIDER.into(),
+                shim_path: sim_shim::write_sleeper(scripts.path())?,
+            },
+        ],
+        fixture::load_timeouts(),
+        args.workers,
+    )?;
+    let api = Api::new(&server.base_url)?;
+    println!(
+        "toolcall: {} round trips (+{} warmup) of {TOOL} {{path: {PATH}}} ({} bytes), one at a time; server in-process on {} ({} HTTP workers)",
+        args.calls, args.warmup, args.file_bytes, server.base_url, args.workers
+    );
+
+    // Frames of the sizes the shim and the server exchange for one of these calls.
+    let call_frame = serde_json::to_string(&ShimMessage::ToolCall {
+        seq: args.warmup + args.calls,
+        call_id: format!("c{}", args.warmup + args.calls),
+        tool: TOOL.into(),
+        args: json!({"path": PATH}),
+    })?;
+    let result_frame = serde_json::to_string(&ServerMessage::ToolResult {
+        call_id: format!("c{}", args.warmup + args.calls),
+        ok: true,
+        result: Some(json!({"content": readme})),
+        error: None,
+    })?;
+    let mut rows = Vec::new();
+
+    let floor = echo::measure(
+        call_frame.clone(),
+        result_frame.clone(),
+        args.warmup,
+        args.calls,
+    )
+    .await?;
+    rows.push(Row {
+        label: "bare WebSocket echo, loopback (floor)",
+        latency: floor.latency,
+        per_s: floor.per_s,
+        frames: format!("{} → {}", call_frame.len(), result_frame.len()),
+    });
+
+    if !args.no_sim_shim {
+        for (quickack, label) in [
+            (false, "simulated shim → server → simulated shim"),
+            (true, "  same, shim socket in TCP_QUICKACK"),
+        ] {
+            let sim = sim_shim::measure(
+                &api,
+                "toolcall",
+                TOOL,
+                PATH,
+                args.warmup,
+                args.calls,
+                quickack,
+            )
+            .await?;
+            rows.push(Row {
+                label,
+                latency: sim.latency,
+                per_s: sim.per_s,
+                frames: format!(
+                    "{} → {} (+ ack)",
+                    sim.call_frame_bytes, sim.result_frame_bytes
+                ),
+            });
+        }
+    }
+
+    let created = api.create(fixture::run_request("toolcall", None)).await?;
+    let record = api.wait_end(&created.id.to_string()).await?;
+    if record.state != RunState::Succeeded {
+        bail!(
+            "the toolcall agent's run ended {}: {:?}",
+            record.state,
+            record.failure
+        );
+    }
+    let report: AgentReport = serde_json::from_value(
+        record
+            .result
+            .clone()
+            .context("the toolcall run has no result")?,
+    )
+    .context("the toolcall agent's report")?;
+    ensure!(
+        report.errors == 0,
+        "{} tool calls of the agent failed",
+        report.errors
+    );
+    rows.push(Row {
+        label: "agent → shim → server → shim → agent",
+        latency: report.latency,
+        per_s: report.calls_per_s,
+        frames: format!(
+            "lines {} → {}",
+            report.call_line_bytes, report.result_line_bytes
+        ),
+    });
+    server.shutdown()?;
+
+    print_report(&rows, floor.latency.p50_us);
+    Ok(())
+}
+
+fn print_report(rows: &[Row], floor_p50_us: f64) {
+    let header = [
+        "round trip",
+        "n",
+        "p50",
+        "p90",
+        "p99",
+        "max",
+        "mean",
+        "per s",
+        "p50 ÷ floor",
+        "bytes out → in",
+    ];
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| {
+            let mut cells = vec![row.label.to_string()];
+            cells.extend(stats::summary_cells(&row.latency));
+            cells.push(format!("{:.0}", row.per_s));
+            cells.push(format!("{:.1}×", row.latency.p50_us / floor_p50_us));
+            cells.push(row.frames.clone());
+            cells
+        })
+        .collect();
+    println!();
+    print!("{}", stats::table(&header, &cells));
+    println!();
+    if let Some(full) = rows.last() {
+        let ratio = full.latency.p50_us / floor_p50_us;
+        println!(
+            "target: tool-call round trip p50 ≤ {TARGET_RATIO}× the echo floor → {} vs {} = {ratio:.1}× ({})",
+            stats::fmt_us(full.latency.p50_us),
+            stats::fmt_us(floor_p50_us),
+            if ratio <= TARGET_RATIO { "met" } else { "missed" }
+        );
+    }
+}
