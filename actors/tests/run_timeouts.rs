@@ -231,6 +231,7 @@ impl Harness {
                 },
                 env: BTreeMap::new(),
                 traceparent: format!("00-{}-{}-01", "0".repeat(32), "0".repeat(16)),
+                span: tracing::Span::none(),
             },
             self.deps.clone(),
         );

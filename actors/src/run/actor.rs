@@ -124,6 +124,8 @@ pub struct RunSpec {
     pub env: BTreeMap<String, String>,
     /// W3C trace context handed to the sandbox.
     pub traceparent: String,
+    /// The run's root span (`codebolt.run`); every span of the run is its descendant.
+    pub span: tracing::Span,
 }
 
 /// Writes of one run, carried out in order by the run's writer task.
@@ -136,7 +138,7 @@ enum WriteOp {
         seq: u64,
         conn: Recipient<ToShim>,
     },
-    Kill(KillSandbox),
+    Kill(KillSandbox, tracing::Span),
     Finish(Box<FinalWrite>),
 }
 
@@ -187,15 +189,17 @@ async fn writer(
                     tracing::debug!(run_id = %id, error = %err, "could not queue an ack");
                 }
             }
-            WriteOp::Kill(kill) => match router.send(kill).await {
-                Ok(Ok(())) => tracing::info!(run_id = %id, "sandbox removed"),
-                Ok(Err(err)) => {
-                    tracing::warn!(run_id = %id, error = %err, "could not remove the sandbox")
+            WriteOp::Kill(kill, span) => {
+                match tracing::Instrument::instrument(router.send(kill), span).await {
+                    Ok(Ok(())) => tracing::info!(run_id = %id, "sandbox removed"),
+                    Ok(Err(err)) => {
+                        tracing::warn!(run_id = %id, error = %err, "could not remove the sandbox")
+                    }
+                    Err(err) => {
+                        tracing::warn!(run_id = %id, error = %err, "provider router unavailable")
+                    }
                 }
-                Err(err) => {
-                    tracing::warn!(run_id = %id, error = %err, "provider router unavailable")
-                }
-            },
+            }
             WriteOp::Finish(last) => {
                 let FinalWrite {
                     mut record,
@@ -242,6 +246,13 @@ async fn writer(
     }
 }
 
+/// A tool call being executed.
+struct InFlight {
+    tool: String,
+    started: Instant,
+    span: tracing::Span,
+}
+
 /// Results kept for re-delivery to a shim that reconnects before it saw them.
 const ANSWERED_CAPACITY: usize = 1024;
 
@@ -264,12 +275,16 @@ pub struct RunActor {
     /// Highest shim sequence number persisted.
     last_seq: u64,
     agent_started: bool,
-    /// Tool calls in flight, with when they started.
-    in_flight: HashMap<String, (String, Instant)>,
+    /// Tool calls in flight.
+    in_flight: HashMap<String, InFlight>,
     answered: HashMap<String, ServerMessage>,
     answered_order: VecDeque<String>,
     /// Call ids already executed, so a resent call is not executed twice.
     seen_calls: HashSet<String>,
+    /// Open while the sandbox is up but the shim has not called back yet.
+    waiting_span: Option<tracing::Span>,
+    /// Open from a stop or kill request until the run ends.
+    ending_span: Option<tracing::Span>,
     /// An agent exit by SIGKILL, held until the sandbox's end says whether it was an OOM kill.
     held_exit: Option<Input>,
 }
@@ -323,6 +338,8 @@ impl RunActor {
             answered_order: VecDeque::new(),
             seen_calls: HashSet::new(),
             held_exit: None,
+            waiting_span: None,
+            ending_span: None,
         };
         let addr = actor.start();
         registry.insert(id, addr.clone());
@@ -366,6 +383,7 @@ impl RunActor {
             self.record.exit_code = self.phase.exit_code;
             self.record.failure = self.phase.failure.clone();
             self.record.termination = self.phase.termination;
+            self.trace_state(after);
         }
         let finishing = outcome.actions.contains(&Action::Finish);
         for action in outcome.actions {
@@ -391,6 +409,29 @@ impl RunActor {
                 failure: None,
             };
             self.persist(vec![event], ctx);
+        }
+    }
+
+    /// Opens and closes the spans that follow the lifecycle.
+    fn trace_state(&mut self, state: RunState) {
+        let root = &self.spec.span;
+        match state {
+            RunState::Starting => {
+                self.waiting_span =
+                    Some(tracing::info_span!(parent: root, "sandbox.wait_callback"));
+            }
+            RunState::Running => self.waiting_span = None,
+            s if s.is_terminal() => {
+                // Recorded once: a span attribute recorded again is added, not replaced.
+                root.record("run.state", s.as_str());
+                self.waiting_span = None;
+                self.ending_span = None;
+                if let Some(failure) = &self.phase.failure {
+                    root.record("run.failure", failure.kind.as_str());
+                    root.record("otel.status_code", "ERROR");
+                }
+            }
+            _ => {}
         }
     }
 
@@ -479,34 +520,46 @@ impl RunActor {
         let provider = self.record.provider.clone();
         let addr = ctx.address();
         let run_id = self.id;
+        let span = tracing::info_span!(
+            parent: &self.spec.span,
+            "sandbox.create",
+            provider = %self.record.provider,
+            otel.status_code = tracing::field::Empty,
+        );
         // Detached from the actor: a sandbox that comes up after the run ended is still removed.
-        actix_rt::spawn(async move {
-            let res = async {
-                store
-                    .put_token(&minted.hash, &token_record)
-                    .await
-                    .map_err(|err| ProviderError::SpawnFailed {
-                        message: format!("could not store the run token: {err}"),
-                    })?;
-                router
-                    .send(SpawnSandbox {
-                        provider: provider.clone(),
-                        request,
-                    })
-                    .await
-                    .map_err(|err| ProviderError::Operation {
-                        operation: "spawn",
-                        message: format!("provider router unavailable: {err}"),
-                    })?
-            }
-            .await;
-            if let Err(err) = addr.send(SpawnDone(res.clone())).await {
-                tracing::debug!(run_id = %run_id, error = %err, "run gone before its sandbox came up");
-                if let Ok(sandbox) = res {
-                    remove_late_sandbox(router, provider, run_id, sandbox).await;
+        actix_rt::spawn(tracing::Instrument::instrument(
+            async move {
+                let res = async {
+                    store
+                        .put_token(&minted.hash, &token_record)
+                        .await
+                        .map_err(|err| ProviderError::SpawnFailed {
+                            message: format!("could not store the run token: {err}"),
+                        })?;
+                    router
+                        .send(SpawnSandbox {
+                            provider: provider.clone(),
+                            request,
+                        })
+                        .await
+                        .map_err(|err| ProviderError::Operation {
+                            operation: "spawn",
+                            message: format!("provider router unavailable: {err}"),
+                        })?
                 }
-            }
-        });
+                .await;
+                if res.is_err() {
+                    tracing::Span::current().record("otel.status_code", "ERROR");
+                }
+                if let Err(err) = addr.send(SpawnDone(res.clone())).await {
+                    tracing::debug!(run_id = %run_id, error = %err, "run gone before its sandbox came up");
+                    if let Ok(sandbox) = res {
+                        remove_late_sandbox(router, provider, run_id, sandbox).await;
+                    }
+                }
+            },
+            span,
+        ));
     }
 
     /// A channel whose spawn progress becomes run events.
@@ -715,19 +768,24 @@ impl RunActor {
             return;
         };
         // Queued before the final write, so a terminal run has no sandbox left.
-        self.write(WriteOp::Kill(KillSandbox {
-            provider: self.record.provider.clone(),
-            run_id: self.id,
-            sandbox: handle,
-        }));
+        let span = tracing::info_span!(parent: &self.spec.span, "sandbox.cleanup");
+        self.write(WriteOp::Kill(
+            KillSandbox {
+                provider: self.record.provider.clone(),
+                run_id: self.id,
+                sandbox: handle,
+            },
+            span,
+        ));
     }
 
     /// The run reached a terminal state.
     fn finish(&mut self, from: RunState, ctx: &mut Context<Self>) {
         let id = self.id;
         let to = self.phase.state;
-        for (call_id, (tool, _)) in self.in_flight.drain() {
-            tracing::debug!(run_id = %id, call_id, tool, "tool call abandoned at run end");
+        for (call_id, call) in self.in_flight.drain() {
+            call.span.record("outcome", "abandoned");
+            tracing::debug!(run_id = %id, call_id, tool = %call.tool, "tool call abandoned at run end");
         }
         if let Some(conn) = self.connection.take() {
             if let Err(err) = conn.conn.try_send(ToShim::Close {
@@ -878,8 +936,24 @@ impl RunActor {
             tracing::warn!(run_id = %self.id, call_id, "duplicate tool call id; not executed again");
             return;
         }
-        self.in_flight
-            .insert(call_id.clone(), (tool.clone(), Instant::now()));
+        let span = tracing::info_span!(
+            parent: &self.spec.span,
+            "tool.call",
+            tool.name = %tool,
+            tool.call_id = %call_id,
+            tool.args_bytes = args.to_string().len(),
+            tool.result_bytes = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        self.in_flight.insert(
+            call_id.clone(),
+            InFlight {
+                tool: tool.clone(),
+                started: Instant::now(),
+                span,
+            },
+        );
         let tools = self.deps.tools.clone();
         let limit = self.timeouts().tool_call;
         let id = self.id;
@@ -908,10 +982,26 @@ impl RunActor {
         res: Result<Value, crate::tools::ToolFailure>,
         ctx: &mut Context<Self>,
     ) {
-        let Some((tool, started)) = self.in_flight.remove(&call_id) else {
+        let Some(InFlight {
+            tool,
+            started,
+            span,
+        }) = self.in_flight.remove(&call_id)
+        else {
             return;
         };
         let duration_ms = started.elapsed().as_millis() as u64;
+        match &res {
+            Ok(value) => {
+                span.record("outcome", "ok");
+                span.record("tool.result_bytes", value.to_string().len());
+            }
+            Err(failure) => {
+                span.record("outcome", failure.code);
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+        drop(span);
         let (message, ok, error_code) = match res {
             Ok(result) => (
                 ServerMessage::ToolResult {
@@ -1051,6 +1141,7 @@ impl Handler<StopRun> for RunActor {
             return;
         }
         let grace_s = msg.grace_s.unwrap_or(self.timeouts().stop_grace.as_secs());
+        self.ending_span = Some(tracing::info_span!(parent: &self.spec.span, "run.stop", grace_s));
         self.record_events(vec![EventKind::StopRequested { grace_s }], ctx);
         self.apply(Input::Stop { grace_s }, ctx);
     }
@@ -1062,6 +1153,7 @@ impl Handler<KillRun> for RunActor {
         if self.phase.state.is_terminal() {
             return;
         }
+        self.ending_span = Some(tracing::info_span!(parent: &self.spec.span, "run.kill"));
         self.record_events(vec![EventKind::KillRequested { reason: msg.reason }], ctx);
         self.apply(Input::Kill, ctx);
     }
@@ -1082,6 +1174,13 @@ impl Handler<ShimHello> for RunActor {
             }
         }
         let resumed = msg.resume_from.is_some() || self.agent_started;
+        let _connect = tracing::info_span!(
+            parent: &self.spec.span,
+            "shim.connect",
+            host = %msg.host,
+            resumed,
+        )
+        .entered();
         let welcome = ServerMessage::Welcome {
             run_id: self.id.to_string(),
             task: self.record.task.clone(),

@@ -175,6 +175,25 @@ fn random_hex(bytes: usize) -> String {
     hex::encode(buf)
 }
 
+/// The run's trace id and the W3C `traceparent` handed to its sandbox, from the root span's
+/// OpenTelemetry context (random ids when no OpenTelemetry layer is installed).
+fn trace_context(span: &tracing::Span) -> (String, String) {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let context = span.context();
+    let otel = context.span();
+    let sc = otel.span_context();
+    if sc.is_valid() {
+        let trace_id = sc.trace_id().to_string();
+        let traceparent = format!("00-{trace_id}-{}-01", sc.span_id());
+        (trace_id, traceparent)
+    } else {
+        let trace_id = random_hex(16);
+        let traceparent = format!("00-{trace_id}-{}-01", random_hex(8));
+        (trace_id, traceparent)
+    }
+}
+
 fn config_error(err: ConfigError, agent: &str) -> ApiError {
     match err {
         ConfigError::AgentNotFound { .. } => ApiError::new(
@@ -232,6 +251,23 @@ pub async fn create_run(
         }
     }
 
+    let id = body.id.unwrap_or_else(Uuid::new_v4);
+    // The root of the run's trace: everything the run does is a descendant.
+    let run_span = tracing::info_span!(
+        parent: None,
+        "codebolt.run",
+        run.id = %id,
+        run.agent = %body.agent,
+        run.provider = tracing::field::Empty,
+        run.state = tracing::field::Empty,
+        run.failure = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    let routing = tracing::info_span!(
+        parent: &run_span,
+        "provider.route",
+        provider = tracing::field::Empty
+    );
     let workspace = state.workspace.clone();
     let agent = body.agent.clone();
     let (manifest, settings, agent_dir) = web::block(move || {
@@ -265,16 +301,18 @@ pub async fn create_run(
         &manifest,
         provider,
     );
+    routing.record("provider", provider_name.as_str());
+    run_span.record("run.provider", provider_name.as_str());
+    drop(routing);
 
-    let bundle = web::block(move || Bundle::build(&agent_dir))
+    let bundle_span = tracing::info_span!(parent: &run_span, "bundle.build");
+    let bundle = web::block(move || bundle_span.in_scope(|| Bundle::build(&agent_dir)))
         .await
         .map_err(|err| ApiError::internal(format!("bundle building failed: {err}")))?
         .map_err(|err| ApiError::invalid(format!("agent: bundle could not be built: {err}")))?;
     let bundle = state.keep_bundle(bundle);
 
-    let id = body.id.unwrap_or_else(Uuid::new_v4);
-    let trace_id = random_hex(16);
-    let traceparent = format!("00-{trace_id}-{}-01", random_hex(8));
+    let (trace_id, traceparent) = trace_context(&run_span);
     let mut env = manifest.env.clone();
     env.extend(body.env.clone().unwrap_or_default());
     let now = received;
@@ -320,6 +358,7 @@ pub async fn create_run(
             bundle: bundle_info,
             env,
             traceparent,
+            span: run_span,
         },
         state.run_deps.clone(),
     );

@@ -1,0 +1,396 @@
+//! Logs and traces: a `tracing` subscriber writing text or JSON lines to stderr and, when an OTLP
+//! endpoint is configured, exporting spans over OTLP (gRPC or HTTP/protobuf) through
+//! `tracing-opentelemetry`. Settings come from the standard `OTEL_*` variables, read from an
+//! explicit environment map.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::KeyValue;
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// Service name when `OTEL_SERVICE_NAME` is not set.
+pub const DEFAULT_SERVICE_NAME: &str = "codebolt-control-plane";
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TelemetryError {
+    #[error("{var}: {message}")]
+    InvalidEnv { var: &'static str, message: String },
+    #[error("OTLP exporter to {endpoint}: {message}")]
+    Exporter { endpoint: String, message: String },
+    #[error("a global subscriber is already installed: {0}")]
+    AlreadyInstalled(String),
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    /// One JSON object a line, with the current span's fields (run id, trace id).
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OtlpSettings {
+    /// Where spans go (for HTTP, the full `/v1/traces` URL).
+    pub endpoint: String,
+    pub protocol: OtlpProtocol,
+    pub headers: HashMap<String, String>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetrySettings {
+    pub log_format: LogFormat,
+    /// `RUST_LOG`-style filter.
+    pub filter: String,
+    pub service_name: String,
+    pub resource_attributes: Vec<(String, String)>,
+    /// None: spans are not exported (and nothing complains about a missing collector).
+    pub otlp: Option<OtlpSettings>,
+}
+
+fn non_empty<'a>(env: &'a HashMap<String, String>, var: &str) -> Option<&'a str> {
+    env.get(var).map(|v| v.trim()).filter(|v| !v.is_empty())
+}
+
+/// `k1=v1,k2=v2` as the OpenTelemetry variables write lists.
+fn key_values(var: &'static str, raw: &str) -> Result<Vec<(String, String)>, TelemetryError> {
+    raw.split(',')
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| TelemetryError::InvalidEnv {
+                    var,
+                    message: format!("'{pair}' is not key=value"),
+                })
+        })
+        .collect()
+}
+
+impl TelemetrySettings {
+    /// Reads `CODEBOLT_LOG_FORMAT` (`text` or `json`), `RUST_LOG`, `OTEL_SERVICE_NAME`,
+    /// `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`, `…_PROTOCOL`
+    /// (`grpc`, `http/protobuf`), `…_HEADERS` and `…_TIMEOUT` (ms). `OTEL_SDK_DISABLED=true` or
+    /// `OTEL_TRACES_EXPORTER=none` turn export off.
+    pub fn from_env(
+        env: &HashMap<String, String>,
+        default_filter: &str,
+    ) -> Result<Self, TelemetryError> {
+        let log_format = match non_empty(env, "CODEBOLT_LOG_FORMAT") {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(TelemetryError::InvalidEnv {
+                    var: "CODEBOLT_LOG_FORMAT",
+                    message: format!("'{other}' is not a log format (expected text or json)"),
+                })
+            }
+        };
+        let filter = non_empty(env, "RUST_LOG")
+            .unwrap_or(default_filter)
+            .to_string();
+        let service_name = non_empty(env, "OTEL_SERVICE_NAME")
+            .unwrap_or(DEFAULT_SERVICE_NAME)
+            .to_string();
+        let resource_attributes = match non_empty(env, "OTEL_RESOURCE_ATTRIBUTES") {
+            Some(raw) => key_values("OTEL_RESOURCE_ATTRIBUTES", raw)?,
+            None => Vec::new(),
+        };
+        let disabled = non_empty(env, "OTEL_SDK_DISABLED") == Some("true")
+            || non_empty(env, "OTEL_TRACES_EXPORTER") == Some("none");
+        let otlp = if disabled { None } else { otlp_settings(env)? };
+        Ok(TelemetrySettings {
+            log_format,
+            filter,
+            service_name,
+            resource_attributes,
+            otlp,
+        })
+    }
+}
+
+fn otlp_settings(env: &HashMap<String, String>) -> Result<Option<OtlpSettings>, TelemetryError> {
+    let protocol_var = if non_empty(env, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").is_some() {
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+    } else {
+        "OTEL_EXPORTER_OTLP_PROTOCOL"
+    };
+    let protocol = match non_empty(env, protocol_var) {
+        None | Some("http/protobuf") => OtlpProtocol::HttpProtobuf,
+        Some("grpc") => OtlpProtocol::Grpc,
+        Some(other) => {
+            return Err(TelemetryError::InvalidEnv {
+                var: if protocol_var.contains("TRACES") {
+                    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+                } else {
+                    "OTEL_EXPORTER_OTLP_PROTOCOL"
+                },
+                message: format!("'{other}' is not supported (expected grpc or http/protobuf)"),
+            })
+        }
+    };
+    // The signal-specific endpoint is used as is; the generic one gets the signal's path for HTTP.
+    let endpoint = match (
+        non_empty(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+        non_empty(env, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+    ) {
+        (Some(traces), _) => traces.to_string(),
+        (None, Some(base)) if protocol == OtlpProtocol::HttpProtobuf => {
+            format!("{}/v1/traces", base.trim_end_matches('/'))
+        }
+        (None, Some(base)) => base.to_string(),
+        (None, None) => return Ok(None),
+    };
+    let mut headers = HashMap::new();
+    for var in [
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+    ] {
+        if let Some(raw) = non_empty(env, var) {
+            headers.extend(key_values(var, raw)?);
+        }
+    }
+    let timeout_var = "OTEL_EXPORTER_OTLP_TIMEOUT";
+    let timeout = match non_empty(env, timeout_var) {
+        None => Duration::from_secs(10),
+        Some(raw) => {
+            Duration::from_millis(raw.parse().map_err(|_| TelemetryError::InvalidEnv {
+                var: timeout_var,
+                message: format!("'{raw}' is not a number of milliseconds"),
+            })?)
+        }
+    };
+    Ok(Some(OtlpSettings {
+        endpoint,
+        protocol,
+        headers,
+        timeout,
+    }))
+}
+
+/// Installed telemetry; `shutdown` flushes spans still buffered.
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+    exporting: bool,
+}
+
+impl Telemetry {
+    pub fn exporting(&self) -> bool {
+        self.exporting
+    }
+
+    /// Exports what is buffered and stops the exporter.
+    pub fn shutdown(self) {
+        if let Err(err) = self.provider.force_flush() {
+            eprintln!("telemetry: flushing spans failed: {err}");
+        }
+        if let Err(err) = self.provider.shutdown() {
+            eprintln!("telemetry: shutting the exporter down failed: {err}");
+        }
+    }
+}
+
+fn build_provider(settings: &TelemetrySettings) -> Result<SdkTracerProvider, TelemetryError> {
+    let resource = Resource::builder()
+        .with_service_name(settings.service_name.clone())
+        .with_attributes(
+            settings
+                .resource_attributes
+                .iter()
+                .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
+        )
+        .build();
+    let mut builder = SdkTracerProvider::builder().with_resource(resource);
+    if let Some(otlp) = &settings.otlp {
+        let exporter_error =
+            |err: opentelemetry_otlp::ExporterBuildError| TelemetryError::Exporter {
+                endpoint: otlp.endpoint.clone(),
+                message: err.to_string(),
+            };
+        let exporter = match otlp.protocol {
+            OtlpProtocol::Grpc => {
+                let mut metadata = tonic::metadata::MetadataMap::new();
+                for (k, v) in &otlp.headers {
+                    let key =
+                        tonic::metadata::MetadataKey::from_bytes(k.as_bytes()).map_err(|_| {
+                            TelemetryError::InvalidEnv {
+                                var: "OTEL_EXPORTER_OTLP_HEADERS",
+                                message: format!("'{k}' is not a valid header name"),
+                            }
+                        })?;
+                    let value = v.parse().map_err(|_| TelemetryError::InvalidEnv {
+                        var: "OTEL_EXPORTER_OTLP_HEADERS",
+                        message: format!("the value of '{k}' is not a valid header value"),
+                    })?;
+                    metadata.insert(key, value);
+                }
+                opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(otlp.endpoint.clone())
+                    .with_timeout(otlp.timeout)
+                    .with_metadata(metadata)
+                    .build()
+                    .map_err(exporter_error)?
+            }
+            OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_endpoint(otlp.endpoint.clone())
+                .with_timeout(otlp.timeout)
+                .with_headers(otlp.headers.clone())
+                .build()
+                .map_err(exporter_error)?,
+        };
+        builder = builder.with_batch_exporter(exporter);
+    }
+    Ok(builder.build())
+}
+
+/// Installs the global subscriber: log lines to stderr and, with OTLP settings, span export.
+/// Spans always carry OpenTelemetry trace ids (so runs have one), exported or not.
+pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, TelemetryError> {
+    let provider = build_provider(settings)?;
+    let tracer = provider.tracer("codebolt");
+    let filter =
+        EnvFilter::try_new(&settings.filter).map_err(|err| TelemetryError::InvalidEnv {
+            var: "RUST_LOG",
+            message: err.to_string(),
+        })?;
+    let fmt = match settings.log_format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .try_init()
+        .map_err(|err| TelemetryError::AlreadyInstalled(err.to_string()))?;
+    Ok(Telemetry {
+        exporting: settings.otlp.is_some(),
+        provider,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn no_endpoint_means_no_export() {
+        let s = TelemetrySettings::from_env(&env(&[]), "info").unwrap();
+        assert_eq!(s.otlp, None);
+        assert_eq!(s.service_name, DEFAULT_SERVICE_NAME);
+        assert_eq!(s.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn the_generic_http_endpoint_gets_the_traces_path() {
+        let s = TelemetrySettings::from_env(
+            &env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/"),
+                ("OTEL_EXPORTER_OTLP_HEADERS", "x-api-key=abc, tenant = t1"),
+                ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=prod"),
+                ("OTEL_SERVICE_NAME", "cp-a"),
+            ]),
+            "info",
+        )
+        .unwrap();
+        let otlp = s.otlp.unwrap();
+        assert_eq!(otlp.endpoint, "http://collector:4318/v1/traces");
+        assert_eq!(otlp.protocol, OtlpProtocol::HttpProtobuf);
+        assert_eq!(otlp.headers.get("tenant").map(String::as_str), Some("t1"));
+        assert_eq!(s.service_name, "cp-a");
+        assert_eq!(
+            s.resource_attributes,
+            vec![("deployment.environment".into(), "prod".into())]
+        );
+    }
+
+    #[test]
+    fn grpc_and_signal_specific_endpoints_are_used_as_given() {
+        let s = TelemetrySettings::from_env(
+            &env(&[
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
+            ]),
+            "info",
+        )
+        .unwrap();
+        assert_eq!(s.otlp.unwrap().endpoint, "http://collector:4317");
+        let s = TelemetrySettings::from_env(
+            &env(&[
+                ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c:4318/custom"),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://ignored:4318"),
+            ]),
+            "info",
+        )
+        .unwrap();
+        assert_eq!(s.otlp.unwrap().endpoint, "http://c:4318/custom");
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (pairs, var) in [
+            (vec![("CODEBOLT_LOG_FORMAT", "xml")], "CODEBOLT_LOG_FORMAT"),
+            (
+                vec![
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c"),
+                    ("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon"),
+                ],
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+            ),
+            (
+                vec![("OTEL_RESOURCE_ATTRIBUTES", "novalue")],
+                "OTEL_RESOURCE_ATTRIBUTES",
+            ),
+        ] {
+            let err = TelemetrySettings::from_env(&env(&pairs), "info").unwrap_err();
+            assert!(err.to_string().starts_with(var), "{err}");
+        }
+    }
+
+    #[test]
+    fn disabled_sdk_exports_nothing() {
+        let s = TelemetrySettings::from_env(
+            &env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+                ("OTEL_SDK_DISABLED", "true"),
+            ]),
+            "info",
+        )
+        .unwrap();
+        assert_eq!(s.otlp, None);
+    }
+}

@@ -1,0 +1,154 @@
+//! One run, one trace: an OTLP receiver in-process (the collector's gRPC trace service), the
+//! control plane exporting to it, a real run with tool calls, and the spans checked as a tree.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actors::model::RunState;
+use codebolt::telemetry::{self, TelemetrySettings};
+use common::{TestServer, Workspace};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::trace::v1::Span;
+
+#[derive(Clone, Default)]
+struct Receiver {
+    spans: Arc<Mutex<Vec<Span>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock().unwrap();
+        for resource in request.into_inner().resource_spans {
+            for scope in resource.scope_spans {
+                spans.extend(scope.spans);
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+const AGENT: &str = r#"
+read task
+printf '%s\n' '{"type":"tool_call","id":"c1","tool":"fs.list_dir","args":{"path":"."}}'
+read r1
+printf '%s\n' '{"type":"tool_call","id":"c2","tool":"fs.read_file","args":{"path":"README.md"}}'
+read r2
+printf '%s\n' '{"type":"done","result":"ok"}'
+"#;
+
+fn attr(span: &Span, key: &str) -> Option<String> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| {
+            use opentelemetry_proto::tonic::common::v1::any_value::Value;
+            match kv.value.as_ref()?.value.as_ref()? {
+                Value::StringValue(s) => Some(s.clone()),
+                Value::IntValue(i) => Some(i.to_string()),
+                Value::BoolValue(b) => Some(b.to_string()),
+                other => Some(format!("{other:?}")),
+            }
+        })
+}
+
+#[actix_rt::test]
+async fn a_run_is_one_trace_with_the_named_spans() {
+    let receiver = Receiver::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = TraceServiceServer::new(receiver.clone());
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .expect("OTLP receiver");
+    });
+
+    let env: HashMap<String, String> = [
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".to_string()),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}")),
+        ("OTEL_SERVICE_NAME", "codebolt-test".to_string()),
+        ("RUST_LOG", "info".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let settings = TelemetrySettings::from_env(&env, "info").unwrap();
+    let telemetry = telemetry::init(&settings).expect("telemetry installed");
+    assert!(telemetry.exporting());
+
+    let server = TestServer::start(Workspace::new().agent("traced", AGENT)).await;
+    let run = server.start_run("traced", "trace me").await;
+    let done = server.wait_terminal(run.id, Duration::from_secs(30)).await;
+    assert_eq!(done.state, RunState::Succeeded, "{:?}", done.failure);
+    server.stop().await;
+    // The run actor has stopped, closing the root span; flush what is buffered.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::task::spawn_blocking(move || telemetry.shutdown())
+        .await
+        .unwrap();
+
+    let spans = receiver.spans.lock().unwrap().clone();
+    let trace_id = hex::decode(&done.trace_id).expect("hex trace id");
+    let run_spans: Vec<&Span> = spans.iter().filter(|s| s.trace_id == trace_id).collect();
+    let names: Vec<&str> = run_spans.iter().map(|s| s.name.as_str()).collect();
+    for expected in [
+        "codebolt.run",
+        "provider.route",
+        "bundle.build",
+        "sandbox.create",
+        "sandbox.wait_callback",
+        "shim.connect",
+        "tool.call",
+        "sandbox.cleanup",
+    ] {
+        assert!(names.contains(&expected), "no {expected} span in {names:?}");
+    }
+    // One root; every other span's parent is in the same trace.
+    let roots: Vec<&&Span> = run_spans
+        .iter()
+        .filter(|s| s.parent_span_id.is_empty())
+        .collect();
+    assert_eq!(roots.len(), 1, "{names:?}");
+    assert_eq!(roots[0].name, "codebolt.run");
+    assert_eq!(attr(roots[0], "run.state").as_deref(), Some("succeeded"));
+    let ids: Vec<&Vec<u8>> = run_spans.iter().map(|s| &s.span_id).collect();
+    for span in &run_spans {
+        if !span.parent_span_id.is_empty() {
+            assert!(
+                ids.contains(&&span.parent_span_id),
+                "{} has a parent outside the trace",
+                span.name
+            );
+        }
+    }
+    let tools: Vec<(Option<String>, Option<String>)> = run_spans
+        .iter()
+        .filter(|s| s.name == "tool.call")
+        .map(|s| (attr(s, "tool.name"), attr(s, "outcome")))
+        .collect();
+    assert_eq!(tools.len(), 2, "{tools:?}");
+    assert!(
+        tools.contains(&(Some("fs.read_file".into()), Some("ok".into()))),
+        "{tools:?}"
+    );
+    assert!(run_spans
+        .iter()
+        .filter(|s| s.name == "tool.call")
+        .all(|s| attr(s, "tool.result_bytes").is_some()));
+}
