@@ -709,8 +709,9 @@ impl RunActor {
                     follow: true,
                 })
                 .await;
+            // Fused: the batching below may see the end first.
             let mut stream = match logs {
-                Ok(Ok(stream)) => stream,
+                Ok(Ok(stream)) => stream.fuse(),
                 Ok(Err(err)) => {
                     tracing::warn!(run_id = %id, error = %err, "provider logs unavailable");
                     return;

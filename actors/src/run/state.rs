@@ -218,16 +218,6 @@ pub fn transition(phase: &Phase, input: Input, limits: Limits) -> Outcome {
             p.state = Provisioning;
             stay(p, actions)
         }
-        (Provisioning, Input::Spawned) if p.connected => {
-            // The shim called back before the provider's spawn call returned.
-            let mut p = p;
-            p.sandbox = true;
-            p.state = Running;
-            stay(
-                p,
-                vec![Action::Cancel(Timer::Startup), Action::Arm(Timer::Idle)],
-            )
-        }
         (Provisioning, Input::Spawned) => {
             let mut p = p;
             p.sandbox = true;
@@ -235,8 +225,25 @@ pub fn transition(phase: &Phase, input: Input, limits: Limits) -> Outcome {
             stay(p, vec![])
         }
         (Provisioning, Input::ShimConnected) => {
+            // The shim called back before the provider's spawn call returned: the run is
+            // running; the sandbox handle follows with `Spawned`.
             let mut p = p;
             p.connected = true;
+            p.state = Running;
+            stay(
+                p,
+                vec![Action::Cancel(Timer::Startup), Action::Arm(Timer::Idle)],
+            )
+        }
+        (Running, Input::Spawned) => {
+            let mut p = p;
+            p.sandbox = true;
+            stay(p, vec![])
+        }
+        (Stopping, Input::Spawned) if p.connected => {
+            // A graceful stop is under way with the shim; keep the handle for the kill.
+            let mut p = p;
+            p.sandbox = true;
             stay(p, vec![])
         }
         (Stopping, Input::Spawned) => {
@@ -703,12 +710,56 @@ mod tests {
     }
 
     #[test]
-    fn a_shim_connecting_before_the_spawn_call_returns_goes_straight_to_running() {
+    fn a_shim_connecting_before_the_spawn_call_returns_is_running_at_once() {
+        let (p, actions) = run(vec![Input::Start, Input::ShimConnected]);
+        assert_eq!(p.state, RunState::Running);
+        assert!(p.connected && !p.sandbox);
+        assert_eq!(
+            actions,
+            vec![Action::Cancel(Timer::Startup), Action::Arm(Timer::Idle)]
+        );
         let (p, actions) = run(vec![Input::Start, Input::ShimConnected, Input::Spawned]);
         assert_eq!(p.state, RunState::Running);
-        assert!(p.connected && p.sandbox);
-        assert!(actions.contains(&Action::Cancel(Timer::Startup)));
-        assert!(actions.contains(&Action::Arm(Timer::Idle)));
+        assert!(p.sandbox);
+        assert!(actions.is_empty());
+    }
+
+    #[test]
+    fn an_agent_done_before_the_spawn_call_returns_still_counts() {
+        let exited = Input::AgentExited {
+            code: Some(0),
+            signal: None,
+        };
+        let (p, _) = run(vec![Input::Start, Input::ShimConnected, exited.clone()]);
+        assert_eq!(p.state, RunState::Succeeded);
+        // The sandbox handle arrives last and is removed.
+        let (p, actions) = run(vec![
+            Input::Start,
+            Input::ShimConnected,
+            exited,
+            Input::Spawned,
+        ]);
+        assert_eq!(p.state, RunState::Succeeded);
+        assert_eq!(actions, vec![Action::KillSandbox]);
+    }
+
+    #[test]
+    fn a_stop_before_the_spawn_call_returns_stays_graceful() {
+        let (p, actions) = run(vec![
+            Input::Start,
+            Input::ShimConnected,
+            Input::Stop { grace_s: 3 },
+        ]);
+        assert_eq!(p.state, RunState::Stopping);
+        assert!(actions.contains(&Action::SendStop { grace_s: 3 }));
+        let (p, _) = run(vec![
+            Input::Start,
+            Input::ShimConnected,
+            Input::Stop { grace_s: 3 },
+            Input::Spawned,
+        ]);
+        assert_eq!(p.state, RunState::Stopping);
+        assert!(p.sandbox);
     }
 
     #[test]

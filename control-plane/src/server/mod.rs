@@ -401,6 +401,7 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
                     .app_data(state.clone())
                     .configure(api::sandbox_routes)
             })
+            .tcp_nodelay(true)
             .listen(listener)?
             .shutdown_timeout(5);
             if let Some(workers) = options.workers {
@@ -415,6 +416,8 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
     };
     let mut server =
         HttpServer::new(move || App::new().app_data(state.clone()).configure(api::routes))
+            // Small frames (acks, tool results) go out at once instead of waiting on Nagle.
+            .tcp_nodelay(true)
             .listen(listener)?
             .shutdown_timeout(5);
     if let Some(workers) = options.workers {
