@@ -3,6 +3,7 @@
 //! the figures and the commands that reproduce them.
 
 mod agent;
+mod docker_spawn;
 mod echo;
 mod fixture;
 mod sim_shim;
@@ -25,6 +26,8 @@ enum Command {
     Spawn(spawn::SpawnArgs),
     /// Tool-call round trip through shim and server, next to a bare WebSocket echo.
     Toolcall(toolcall::ToolcallArgs),
+    /// Spawn-to-connected of the Docker provider next to plain `docker run` of the same image.
+    DockerSpawn(docker_spawn::DockerSpawnArgs),
     /// The agent the toolcall scenario runs in its sandbox (speaks SPEC §7a on stdin/stdout).
     #[command(hide = true)]
     Agent(agent::AgentArgs),
@@ -36,6 +39,7 @@ fn main() -> anyhow::Result<()> {
         Command::Agent(args) => agent::run(args),
         Command::Spawn(args) => runtime()?.block_on(spawn::run(args)),
         Command::Toolcall(args) => runtime()?.block_on(toolcall::run(args)),
+        Command::DockerSpawn(args) => runtime()?.block_on(docker_spawn::run(args)),
     }
 }
 

@@ -753,7 +753,8 @@ impl Provider for DockerProvider {
         };
         let raw = docker.logs(&sandbox.id, Some(options));
         let socket = self.settings.socket.clone();
-        Ok(split_lines(raw, socket).boxed())
+        // Fused: a reader may poll again after the end.
+        Ok(split_lines(raw, socket).fuse().boxed())
     }
 
     async fn usage(&self, sandbox: &SandboxHandle) -> Result<Option<Usage>, ProviderError> {
