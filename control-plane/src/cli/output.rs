@@ -3,7 +3,7 @@
 //! Times are rendered in the time zone the caller passes (the local one in the binary, UTC in
 //! tests); "now" is passed in too, so every function here is deterministic.
 
-use std::fmt::{Display, Write as _};
+use std::fmt::Display;
 
 use actors::model::{EventKind, Failure, Resources, RunEvent, RunRecord, RunState, Usage};
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
@@ -274,7 +274,10 @@ where
     }
     let mut text = parts.join(", ");
     if let Some(at) = usage.reported_at {
-        let _ = write!(text, " (at {})", at.with_timezone(tz).format("%H:%M:%S"));
+        text.push_str(&format!(
+            " (at {})",
+            at.with_timezone(tz).format("%H:%M:%S")
+        ));
     }
     Some(text)
 }
@@ -345,14 +348,14 @@ where
     let mut out = String::new();
     for (key, value) in &fields {
         let value = sanitize(value).replace('\n', &format!("\n{indent}"));
-        let _ = writeln!(out, "{:<width$}{value}", format!("{key}:"));
+        out.push_str(&format!("{:<width$}{value}\n", format!("{key}:")));
     }
 
     out.push_str("states:\n");
     let mut states: Vec<(&RunState, &DateTime<Utc>)> = run.state_times.iter().collect();
     states.sort_by_key(|(state, at)| (**at, **state));
     for (state, at) in states {
-        let _ = writeln!(out, "  {:<14}{}", state.as_str(), stamp(at));
+        out.push_str(&format!("  {:<14}{}\n", state.as_str(), stamp(at)));
     }
 
     if let Some(evidence) = &run.evidence {
@@ -363,9 +366,9 @@ where
             if lines.is_empty() {
                 continue;
             }
-            let _ = writeln!(out, "last {title}:");
+            out.push_str(&format!("last {title}:\n"));
             for line in lines {
-                let _ = writeln!(out, "  {}", sanitize(line));
+                out.push_str(&format!("  {}\n", sanitize(line)));
             }
         }
     }

@@ -213,9 +213,11 @@ impl StoreConfig {
             StoreConfig::Memory => "memory".to_string(),
             StoreConfig::Redis { url } => match Url::parse(url) {
                 Ok(mut parsed) if parsed.password().is_some() => {
-                    // Cannot fail: the url has a host, or it would have been refused.
-                    let _ = parsed.set_password(Some("***"));
-                    parsed.to_string()
+                    // Fails only for URLs that cannot carry a password, which this one does.
+                    match parsed.set_password(Some("***")) {
+                        Ok(()) => parsed.to_string(),
+                        Err(()) => "redis://***".to_string(),
+                    }
                 }
                 _ => url.clone(),
             },
