@@ -9,14 +9,13 @@
 //! Needs the Docker engine and `codebolt/agent-base:latest` (`deploy/build-images.sh`).
 
 use std::path::PathBuf;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use actors::model::RunState;
 use anyhow::{bail, Context};
 use clap::Args;
 
-use crate::fixture::{Api, Workspace};
+use crate::fixture::{Api, InProcessServer, Workspace};
 use crate::stats::{summary_cells, table, Latencies};
 
 const IMAGE: &str = "codebolt/agent-base:latest";
@@ -32,77 +31,26 @@ pub struct DockerSpawnArgs {
 }
 
 /// The server in its own actix system on its own thread, with a Docker provider.
-struct Server {
-    base_url: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
-    _config_dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start(workspace: PathBuf) -> anyhow::Result<Server> {
-        let config_dir = tempfile::Builder::new()
-            .prefix("codebolt-docker-bench-")
-            .tempdir()?;
-        let cluster = format!("bench-{}", std::process::id());
-        let yaml = format!(
-            "providers:\n  docker:\n    kind: docker\n    default_image: {IMAGE}\n\
+fn start_server(workspace: PathBuf) -> anyhow::Result<InProcessServer> {
+    let config_dir = tempfile::Builder::new()
+        .prefix("codebolt-docker-bench-")
+        .tempdir()?;
+    let cluster = format!("bench-{}", std::process::id());
+    let yaml = format!(
+        "providers:\n  docker:\n    kind: docker\n    default_image: {IMAGE}\n\
              cluster_id: {cluster}\nsandbox_listen: 0.0.0.0:0\n"
-        );
-        let config = config_dir.path().join("codebolt.yaml");
-        std::fs::write(&config, yaml)?;
-        let options = codebolt::server::ServerOptions {
-            listen: Some("127.0.0.1:0".into()),
-            config: Some(config),
-            workspace: Some(workspace),
-            run_timeouts: Some(crate::fixture::load_timeouts()),
-            workers: Some(1),
-            ..Default::default()
-        };
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("codebolt-server".into())
-            .spawn(move || {
-                actix_rt::System::new().block_on(async move {
-                    let server = match codebolt::server::start(options).await {
-                        Ok(server) => server,
-                        Err(err) => {
-                            let message = err.to_string();
-                            drop(ready_tx.send(Err(message.clone())));
-                            bail!("server did not start: {message}");
-                        }
-                    };
-                    drop(ready_tx.send(Ok(server.base_url.clone())));
-                    drop(stop_rx.await);
-                    server.stop().await.context("server stop")
-                })
-            })?;
-        let base_url = match ready_rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(Ok(url)) => url,
-            Ok(Err(message)) => bail!("server did not start: {message}"),
-            Err(err) => bail!("server did not start: {err}"),
-        };
-        Ok(Server {
-            base_url,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-            _config_dir: config_dir,
-        })
-    }
-
-    fn shutdown(mut self) -> anyhow::Result<()> {
-        if let Some(stop) = self.stop.take() {
-            if stop.send(()).is_err() {
-                // The server thread already ended; the join below reports how.
-            }
-        }
-        match self.thread.take().map(std::thread::JoinHandle::join) {
-            Some(Ok(res)) => res,
-            Some(Err(_)) => bail!("server thread panicked"),
-            None => Ok(()),
-        }
-    }
+    );
+    let config = config_dir.path().join("codebolt.yaml");
+    std::fs::write(&config, yaml)?;
+    let options = codebolt::server::ServerOptions {
+        listen: Some("127.0.0.1:0".into()),
+        config: Some(config),
+        workspace: Some(workspace),
+        run_timeouts: Some(crate::fixture::load_timeouts()),
+        workers: Some(1),
+        ..Default::default()
+    };
+    InProcessServer::launch(options, vec![config_dir])
 }
 
 async fn docker(args: &[&str]) -> anyhow::Result<String> {
@@ -214,7 +162,7 @@ pub async fn run(args: DockerSpawnArgs) -> anyhow::Result<()> {
         .context("codebolt/agent-base:latest is missing: run deploy/build-images.sh")?;
     let workspace = Workspace::new(64)?;
     workspace.agent("quick", "read task; exit 0")?;
-    let server = Server::start(workspace.path().to_path_buf())?;
+    let server = start_server(workspace.path().to_path_buf())?;
     let api = Api::new(&server.base_url)?;
     let gateway = bridge_gateway().await?;
     let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await?;

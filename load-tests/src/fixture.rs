@@ -122,6 +122,11 @@ impl InProcessServer {
             run_timeouts: Some(timeouts),
             workers: Some(workers),
         };
+        Self::launch(options, vec![config_dir, work_root])
+    }
+
+    /// Starts the server with `options` on its own thread; `dirs` live as long as it does.
+    pub fn launch(options: ServerOptions, dirs: Vec<tempfile::TempDir>) -> anyhow::Result<Self> {
         let (ready_tx, ready_rx) = mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -152,7 +157,7 @@ impl InProcessServer {
             base_url,
             stop: Some(stop_tx),
             thread: Some(thread),
-            _dirs: vec![config_dir, work_root],
+            _dirs: dirs,
         })
     }
 
