@@ -138,34 +138,9 @@ pub struct DockerConfig {
     pub hardening: DockerHardening,
 }
 
-/// Container hardening, on by default; each setting can be relaxed per provider.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DockerHardening {
-    pub read_only_rootfs: bool,
-    pub no_new_privileges: bool,
-    pub drop_capabilities: Vec<String>,
-    pub cap_add: Vec<String>,
-    /// `None`: unlimited (`pids_limit: 0` in the file).
-    pub pids_limit: Option<u32>,
-    /// `uid[:gid]` or a user name of the image; `image` keeps the image's user.
-    pub user: Option<String>,
-    /// Docker's init as PID 1 (signal forwarding, zombie reaping).
-    pub init: bool,
-}
-
-impl Default for DockerHardening {
-    fn default() -> Self {
-        DockerHardening {
-            read_only_rootfs: true,
-            no_new_privileges: true,
-            drop_capabilities: vec!["ALL".to_string()],
-            cap_add: Vec::new(),
-            pids_limit: Some(512),
-            user: Some("65534:65534".to_string()),
-            init: true,
-        }
-    }
-}
+/// Container hardening, on by default; each setting can be relaxed per provider
+/// (`pids_limit: 0` in the file means unlimited, `user: image` the image's own user).
+pub use actors::provider::docker::Hardening as DockerHardening;
 
 impl Default for DockerConfig {
     fn default() -> Self {
@@ -428,7 +403,7 @@ fn read_docker(
     let pids_limit = match fields.optional::<u32>("pids_limit")? {
         None => hd.pids_limit,
         Some(0) => None,
-        Some(n) => Some(n),
+        Some(n) => Some(i64::from(n)),
     };
     let user = match fields.optional_string("user")? {
         None => hd.user,

@@ -12,9 +12,7 @@ use std::time::Duration;
 
 use actix::Actor;
 use actix_web::{web, App, HttpServer};
-use actors::provider::docker::{
-    CallbackRoute, DockerProvider, DockerSettings, Hardening as DockerHardening,
-};
+use actors::provider::docker::{CallbackRoute, DockerProvider, DockerSettings};
 use actors::provider::local::{
     default_shim_path, LocalConfig as LocalProviderConfig, LocalProvider,
 };
@@ -71,7 +69,6 @@ pub fn docker_callback_route(docker: &DockerConfig, endpoints: &Endpoints) -> Ca
 }
 
 fn docker_settings(name: &str, docker: &DockerConfig, endpoints: &Endpoints) -> DockerSettings {
-    let h = &docker.hardening;
     let mut settings = DockerSettings::new(name);
     settings.socket = docker.socket.clone();
     settings.default_image = docker.default_image.clone();
@@ -81,15 +78,7 @@ fn docker_settings(name: &str, docker: &DockerConfig, endpoints: &Endpoints) -> 
     settings.shim_path = docker.shim_path.clone();
     settings.work_dir = docker.work_dir.clone();
     settings.work_dir_size_mb = docker.work_dir_size_mb;
-    settings.hardening = DockerHardening {
-        read_only_rootfs: h.read_only_rootfs,
-        no_new_privileges: h.no_new_privileges,
-        drop_capabilities: h.drop_capabilities.clone(),
-        cap_add: h.cap_add.clone(),
-        pids_limit: h.pids_limit.map(i64::from),
-        user: h.user.clone(),
-        init: h.init,
-    };
+    settings.hardening = docker.hardening.clone();
     settings
 }
 
