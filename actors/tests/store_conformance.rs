@@ -12,7 +12,10 @@ use std::time::Duration;
 use actors::model::{EventKind, LogSource, RunEvent, RunState};
 use actors::store::memory::MemoryStore;
 use actors::store::redis::{RedisSettings, RedisStore};
-use actors::store::{CreateOutcome, RunFilter, RunStore, StoreError, TokenRecord};
+use actors::store::{
+    Admission, Claim, ClaimOutcome, CreateOutcome, Lease, Notice, RunCommand, RunFilter, RunStore,
+    RunWrite, StoreError, TokenRecord,
+};
 use chrono::Utc;
 use common::redis_server::RedisServer;
 use common::{run, RunRecordExt};
@@ -577,6 +580,323 @@ mod suite {
             assert!(record.expires_at <= Utc::now());
         }
     }
+
+    fn claimed(outcome: ClaimOutcome) -> Lease {
+        match outcome {
+            ClaimOutcome::Claimed { lease, .. } => lease,
+            held => panic!("expected a claim, got {held:?}"),
+        }
+    }
+
+    pub async fn claims_raise_the_fence_and_refuse_older_owners(h: &Harness) {
+        let record = run();
+        let id = record.id;
+        h.store.create_run(&record, None).await.unwrap();
+        assert_eq!(h.store.lease(id).await.unwrap(), None);
+        h.store
+            .heartbeat("a", Duration::from_secs(30))
+            .await
+            .unwrap();
+        h.peer
+            .heartbeat("b", Duration::from_secs(30))
+            .await
+            .unwrap();
+
+        let outcome = h.store.claim_run(id, "a", Claim::IfOrphaned).await.unwrap();
+        assert_eq!(
+            outcome,
+            ClaimOutcome::Claimed {
+                lease: Lease {
+                    run_id: id,
+                    replica: "a".into(),
+                    fence: 1
+                },
+                previous: None
+            }
+        );
+        let a = claimed(outcome);
+        assert_eq!(
+            h.peer.claim_run(id, "b", Claim::IfOrphaned).await.unwrap(),
+            ClaimOutcome::Held { owner: "a".into() },
+            "a live owner keeps its run"
+        );
+        let outcome = h.peer.claim_run(id, "b", Claim::Takeover).await.unwrap();
+        assert!(
+            matches!(&outcome, ClaimOutcome::Claimed { previous: Some(p), lease } if p == "a" && lease.fence == 2),
+            "{outcome:?}"
+        );
+        let b = claimed(outcome);
+        assert_eq!(h.store.lease(id).await.unwrap(), Some(b.clone()));
+
+        let before = h.store.fenced_writes();
+        let stale = RunWrite {
+            events: vec![message("from the stale owner")],
+            record: Some(record.clone().with_state(RunState::Failed)),
+            seq: Some(9),
+            ..RunWrite::default()
+        };
+        assert_eq!(
+            h.store.write_run(&a, stale).await,
+            Err(StoreError::Fenced {
+                run_id: id,
+                fence: 1,
+                current: 2
+            })
+        );
+        assert_eq!(h.store.fenced_writes(), before + 1, "refusals are counted");
+        let fresh = RunWrite {
+            events: vec![message("from the owner")],
+            record: Some(record.clone().with_state(RunState::Running)),
+            seq: Some(3),
+            ..RunWrite::default()
+        };
+        h.peer.write_run(&b, fresh).await.unwrap();
+        let stored = h.store.get_run(id).await.unwrap().unwrap();
+        assert_eq!(
+            stored.state,
+            RunState::Running,
+            "the stale write changed nothing"
+        );
+        let events = drain(h.store.events(id, 0, false).await.unwrap()).await;
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].kind, message("from the owner"));
+        assert_eq!(h.store.last_seq(id).await.unwrap(), 3);
+
+        let unknown = run();
+        assert_eq!(
+            h.store.claim_run(unknown.id, "a", Claim::Takeover).await,
+            Err(StoreError::RunNotFound { run_id: unknown.id })
+        );
+    }
+
+    pub async fn write_run_applies_events_logs_record_and_seq(h: &Harness) {
+        let record = run();
+        let id = record.id;
+        h.store.create_run(&record, None).await.unwrap();
+        let lease = claimed(h.store.claim_run(id, "a", Claim::Takeover).await.unwrap());
+        let mut write = RunWrite {
+            events: vec![message("one"), message("two")],
+            agent_logs: vec![
+                ("stdout".into(), "l1".into()),
+                ("stderr".into(), "l2".into()),
+            ],
+            record: None,
+            seq: Some(5),
+        };
+        write.merge(RunWrite {
+            events: vec![message("three")],
+            agent_logs: vec![("stdout".into(), "l3".into())],
+            record: Some(record.clone().with_state(RunState::Running)),
+            seq: Some(4),
+        });
+        assert_eq!(
+            write.seq,
+            Some(5),
+            "merging keeps the highest sequence number"
+        );
+        h.store.write_run(&lease, write).await.unwrap();
+        h.store
+            .write_run(
+                &lease,
+                RunWrite {
+                    seq: Some(2),
+                    ..RunWrite::default()
+                },
+            )
+            .await
+            .unwrap();
+        let events = drain(h.peer.events(id, 0, false).await.unwrap()).await;
+        assert_eq!(indices(&events), vec![1, 2, 3]);
+        assert_eq!(events[2].kind, message("three"));
+        h.store.close_logs(id).await.unwrap();
+        let lines = drain(h.peer.logs(id, LogSource::Agent, 0, true).await.unwrap()).await;
+        let text: Vec<_> = lines
+            .iter()
+            .map(|l| (l.index, l.stream.as_str(), l.line.as_str()))
+            .collect();
+        assert_eq!(
+            text,
+            vec![
+                (1, "stdout", "l1"),
+                (2, "stderr", "l2"),
+                (3, "stdout", "l3")
+            ]
+        );
+        assert_eq!(
+            h.peer.get_run(id).await.unwrap().unwrap().state,
+            RunState::Running
+        );
+        assert_eq!(
+            h.peer.last_seq(id).await.unwrap(),
+            5,
+            "the sequence number never goes down"
+        );
+    }
+
+    pub async fn runs_of_a_lapsed_replica_are_orphaned(h: &Harness) {
+        let record = run();
+        let id = record.id;
+        h.store.create_run(&record, None).await.unwrap();
+        h.store
+            .heartbeat("a", Duration::from_millis(400))
+            .await
+            .unwrap();
+        h.store
+            .heartbeat("b", Duration::from_secs(30))
+            .await
+            .unwrap();
+        claimed(h.store.claim_run(id, "a", Claim::IfOrphaned).await.unwrap());
+        assert!(h.peer.orphaned_runs().await.unwrap().is_empty());
+        assert_eq!(
+            h.peer.live_replicas().await.unwrap(),
+            vec!["a".to_string(), "b".to_string()]
+        );
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert_eq!(h.peer.live_replicas().await.unwrap(), vec!["b".to_string()]);
+        assert_eq!(h.peer.orphaned_runs().await.unwrap(), vec![id]);
+        let outcome = h.peer.claim_run(id, "b", Claim::IfOrphaned).await.unwrap();
+        assert!(
+            matches!(&outcome, ClaimOutcome::Claimed { previous: Some(p), lease } if p == "a" && lease.fence == 2),
+            "{outcome:?}"
+        );
+        assert!(
+            h.store.orphaned_runs().await.unwrap().is_empty(),
+            "adopted runs are not orphans"
+        );
+    }
+
+    pub async fn commands_queue_for_the_owner_and_notify_it(h: &Harness) {
+        let record = run();
+        let id = record.id;
+        h.store.create_run(&record, None).await.unwrap();
+        let stop = RunCommand::Stop { grace_s: Some(4) };
+        let kill = RunCommand::Kill {
+            reason: Some("enough".into()),
+        };
+        // Nobody owns it yet: queued, nobody notified.
+        assert_eq!(h.store.push_command(id, &stop).await.unwrap(), None);
+        h.store
+            .heartbeat("a", Duration::from_secs(30))
+            .await
+            .unwrap();
+        claimed(h.store.claim_run(id, "a", Claim::IfOrphaned).await.unwrap());
+        let mut notices = h.store.notices("a").await.unwrap();
+        // The subscription may take a moment; notify until the first notice arrives.
+        let first = tokio::time::timeout(PATIENCE, async {
+            loop {
+                h.peer
+                    .notify(
+                        "a",
+                        &Notice::Released {
+                            run_id: id,
+                            by: "b".into(),
+                        },
+                    )
+                    .await
+                    .unwrap();
+                if let Ok(Some(n)) =
+                    tokio::time::timeout(Duration::from_millis(200), notices.next()).await
+                {
+                    return n;
+                }
+            }
+        })
+        .await
+        .expect("no notice arrived");
+        assert_eq!(
+            first,
+            Notice::Released {
+                run_id: id,
+                by: "b".into()
+            }
+        );
+        while let Ok(Some(_)) =
+            tokio::time::timeout(Duration::from_millis(300), notices.next()).await
+        {}
+
+        assert_eq!(
+            h.peer.push_command(id, &kill).await.unwrap(),
+            Some("a".into())
+        );
+        let notice = tokio::time::timeout(PATIENCE, notices.next())
+            .await
+            .expect("notice")
+            .expect("stream");
+        assert_eq!(notice, Notice::Commands { run_id: id });
+        assert_eq!(h.store.runs_with_commands().await.unwrap(), vec![id]);
+        assert_eq!(h.store.take_commands(id).await.unwrap(), vec![stop, kill]);
+        assert!(h.store.take_commands(id).await.unwrap().is_empty());
+        assert!(h.peer.runs_with_commands().await.unwrap().is_empty());
+        let unknown = run();
+        assert_eq!(
+            h.store
+                .push_command(unknown.id, &RunCommand::Kill { reason: None })
+                .await,
+            Err(StoreError::RunNotFound { run_id: unknown.id })
+        );
+    }
+
+    pub async fn slots_admit_exactly_the_limit(h: &Harness) {
+        let ids: Vec<_> = (0..30).map(|_| Uuid::new_v4()).collect();
+        let attempts = ids.iter().enumerate().map(|(i, id)| {
+            let store = if i % 2 == 0 {
+                h.store.clone()
+            } else {
+                h.peer.clone()
+            };
+            let id = *id;
+            tokio::spawn(async move {
+                (
+                    id,
+                    store.acquire_slot("provider:local", 10, id).await.unwrap(),
+                )
+            })
+        });
+        let mut admitted = Vec::new();
+        for attempt in attempts {
+            let (id, admission) = attempt.await.unwrap();
+            match admission {
+                Admission::Admitted => admitted.push(id),
+                Admission::Full { in_use } => assert_eq!(in_use, 10),
+            }
+        }
+        assert_eq!(admitted.len(), 10, "exactly the limit is admitted");
+        assert_eq!(
+            h.store
+                .acquire_slot("provider:local", 10, admitted[0])
+                .await
+                .unwrap(),
+            Admission::Admitted,
+            "a run keeps its slot"
+        );
+        let outsider = ids.iter().find(|id| !admitted.contains(id)).unwrap();
+        h.peer
+            .release_slot("provider:local", admitted[0])
+            .await
+            .unwrap();
+        assert_eq!(
+            h.store
+                .acquire_slot("provider:local", 10, *outsider)
+                .await
+                .unwrap(),
+            Admission::Admitted
+        );
+        assert_eq!(
+            h.store
+                .acquire_slot("provider:other", 1, admitted[0])
+                .await
+                .unwrap(),
+            Admission::Admitted,
+            "scopes are separate"
+        );
+    }
+
+    pub async fn blobs_round_trip(h: &Harness) {
+        let bytes: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+        h.store.put_blob("bundle:abc", &bytes).await.unwrap();
+        assert_eq!(h.peer.get_blob("bundle:abc").await.unwrap(), Some(bytes));
+        assert_eq!(h.peer.get_blob("bundle:none").await.unwrap(), None);
+    }
 }
 
 macro_rules! conformance {
@@ -614,4 +934,10 @@ conformance!(
     logs_append_follow_and_close,
     tokens_put_get_revoke,
     expired_tokens_are_gone_or_expired,
+    claims_raise_the_fence_and_refuse_older_owners,
+    write_run_applies_events_logs_record_and_seq,
+    runs_of_a_lapsed_replica_are_orphaned,
+    commands_queue_for_the_owner_and_notify_it,
+    slots_admit_exactly_the_limit,
+    blobs_round_trip,
 );

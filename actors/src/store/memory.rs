@@ -1,16 +1,18 @@
 //! Single-node run store kept in process memory.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::Utc;
 use futures_util::stream::{self, StreamExt};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 
 use super::{
-    CreateOutcome, EventStream, LogLineStream, RunFilter, RunPage, RunStore, StoreError,
-    TokenRecord,
+    Admission, Claim, ClaimOutcome, CreateOutcome, EventStream, Lease, LogLineStream, Notice,
+    NoticeStream, RunCommand, RunFilter, RunPage, RunStore, RunWrite, StoreError, TokenRecord,
 };
 use crate::model::{EventKind, LogLine, LogSource, RunEvent, RunId, RunRecord};
 
@@ -71,6 +73,10 @@ impl<T: Indexed> Journal<T> {
 #[derive(Default)]
 struct RunSlot {
     record: Option<RunRecord>,
+    /// Owner and fence.
+    lease: Option<(String, u64)>,
+    last_seq: u64,
+    commands: VecDeque<RunCommand>,
     events: Option<Journal<RunEvent>>,
     agent_logs: Option<Journal<LogLine>>,
     provider_logs: Option<Journal<LogLine>>,
@@ -96,11 +102,38 @@ struct Inner {
     order: Vec<RunId>,
     idempotency: HashMap<String, RunId>,
     tokens: HashMap<String, TokenRecord>,
+    /// Heartbeat deadlines of replicas.
+    replicas: HashMap<String, Instant>,
+    listeners: HashMap<String, Vec<mpsc::UnboundedSender<Notice>>>,
+    blobs: HashMap<String, Vec<u8>>,
+    slots: HashMap<String, BTreeSet<RunId>>,
+}
+
+impl Inner {
+    fn alive(&self, replica: &str) -> bool {
+        self.replicas
+            .get(replica)
+            .is_some_and(|deadline| *deadline > Instant::now())
+    }
+
+    fn slot(&mut self, id: RunId) -> Result<&mut RunSlot, StoreError> {
+        self.runs
+            .get_mut(&id)
+            .filter(|slot| slot.record.is_some())
+            .ok_or(StoreError::RunNotFound { run_id: id })
+    }
+
+    fn notify(&mut self, replica: &str, notice: &Notice) {
+        if let Some(listeners) = self.listeners.get_mut(replica) {
+            listeners.retain(|tx| tx.send(notice.clone()).is_ok());
+        }
+    }
 }
 
 #[derive(Clone, Default)]
 pub struct MemoryStore {
     inner: Arc<Mutex<Inner>>,
+    fenced: Arc<AtomicU64>,
 }
 
 impl MemoryStore {
@@ -393,5 +426,214 @@ impl RunStore for MemoryStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn heartbeat(&self, replica: &str, ttl: Duration) -> Result<(), StoreError> {
+        self.lock()
+            .replicas
+            .insert(replica.to_string(), Instant::now() + ttl);
+        Ok(())
+    }
+
+    async fn live_replicas(&self) -> Result<Vec<String>, StoreError> {
+        let inner = self.lock();
+        let mut live: Vec<String> = inner
+            .replicas
+            .keys()
+            .filter(|r| inner.alive(r))
+            .cloned()
+            .collect();
+        live.sort();
+        Ok(live)
+    }
+
+    async fn claim_run(
+        &self,
+        id: RunId,
+        replica: &str,
+        claim: Claim,
+    ) -> Result<ClaimOutcome, StoreError> {
+        let mut inner = self.lock();
+        let current = inner.slot(id)?.lease.clone();
+        if let Some((owner, _)) = &current {
+            if claim == Claim::IfOrphaned && inner.alive(owner) {
+                return Ok(ClaimOutcome::Held {
+                    owner: owner.clone(),
+                });
+            }
+        }
+        let fence = current.as_ref().map_or(0, |(_, f)| *f) + 1;
+        inner.slot(id)?.lease = Some((replica.to_string(), fence));
+        Ok(ClaimOutcome::Claimed {
+            lease: Lease {
+                run_id: id,
+                replica: replica.to_string(),
+                fence,
+            },
+            previous: current.map(|(owner, _)| owner),
+        })
+    }
+
+    async fn lease(&self, id: RunId) -> Result<Option<Lease>, StoreError> {
+        let mut inner = self.lock();
+        Ok(inner.slot(id)?.lease.clone().map(|(replica, fence)| Lease {
+            run_id: id,
+            replica,
+            fence,
+        }))
+    }
+
+    async fn write_run(&self, lease: &Lease, write: RunWrite) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let slot = inner.slot(lease.run_id)?;
+        let current = slot.lease.as_ref().map_or(0, |(_, f)| *f);
+        if current != lease.fence {
+            self.fenced.fetch_add(1, Ordering::Relaxed);
+            return Err(StoreError::Fenced {
+                run_id: lease.run_id,
+                fence: lease.fence,
+                current,
+            });
+        }
+        let at = Utc::now();
+        for kind in write.events {
+            let journal = slot.events();
+            let event = RunEvent {
+                index: journal.next_index(),
+                at,
+                kind,
+            };
+            journal.push(event);
+        }
+        let logs = slot.logs(LogSource::Agent);
+        for (stream, line) in write.agent_logs {
+            let entry = LogLine {
+                index: logs.next_index(),
+                at,
+                stream,
+                line,
+            };
+            logs.push(entry);
+        }
+        if let Some(record) = write.record {
+            slot.record = Some(record);
+        }
+        if let Some(seq) = write.seq {
+            slot.last_seq = slot.last_seq.max(seq);
+        }
+        Ok(())
+    }
+
+    async fn release_run(&self, lease: &Lease) -> Result<(), StoreError> {
+        // Nothing counts runs per owner here: a single replica owns them all.
+        self.lock().slot(lease.run_id)?;
+        Ok(())
+    }
+
+    async fn last_seq(&self, id: RunId) -> Result<u64, StoreError> {
+        Ok(self.lock().slot(id)?.last_seq)
+    }
+
+    async fn orphaned_runs(&self) -> Result<Vec<RunId>, StoreError> {
+        let inner = self.lock();
+        Ok(inner
+            .order
+            .iter()
+            .filter(|id| {
+                inner.runs.get(id).is_some_and(|slot| {
+                    slot.record.as_ref().is_some_and(|r| !r.state.is_terminal())
+                        && slot
+                            .lease
+                            .as_ref()
+                            .is_some_and(|(owner, _)| !inner.alive(owner))
+                })
+            })
+            .copied()
+            .collect())
+    }
+
+    async fn push_command(
+        &self,
+        id: RunId,
+        command: &RunCommand,
+    ) -> Result<Option<String>, StoreError> {
+        let mut inner = self.lock();
+        let slot = inner.slot(id)?;
+        slot.commands.push_back(command.clone());
+        let owner = slot.lease.as_ref().map(|(owner, _)| owner.clone());
+        match owner {
+            Some(owner) if inner.alive(&owner) => {
+                inner.notify(&owner, &Notice::Commands { run_id: id });
+                Ok(Some(owner))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn take_commands(&self, id: RunId) -> Result<Vec<RunCommand>, StoreError> {
+        Ok(self.lock().slot(id)?.commands.drain(..).collect())
+    }
+
+    async fn runs_with_commands(&self) -> Result<Vec<RunId>, StoreError> {
+        let inner = self.lock();
+        Ok(inner
+            .runs
+            .iter()
+            .filter(|(_, slot)| !slot.commands.is_empty())
+            .map(|(id, _)| *id)
+            .collect())
+    }
+
+    async fn notify(&self, replica: &str, notice: &Notice) -> Result<(), StoreError> {
+        self.lock().notify(replica, notice);
+        Ok(())
+    }
+
+    async fn notices(&self, replica: &str) -> Result<NoticeStream, StoreError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.lock()
+            .listeners
+            .entry(replica.to_string())
+            .or_default()
+            .push(tx);
+        Ok(tokio_stream::wrappers::UnboundedReceiverStream::new(rx).boxed())
+    }
+
+    async fn put_blob(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        self.lock().blobs.insert(key.to_string(), bytes.to_vec());
+        Ok(())
+    }
+
+    async fn get_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.lock().blobs.get(key).cloned())
+    }
+
+    async fn acquire_slot(
+        &self,
+        scope: &str,
+        limit: u32,
+        id: RunId,
+    ) -> Result<Admission, StoreError> {
+        let mut inner = self.lock();
+        let held = inner.slots.entry(scope.to_string()).or_default();
+        if held.contains(&id) || held.len() < limit as usize {
+            held.insert(id);
+            Ok(Admission::Admitted)
+        } else {
+            Ok(Admission::Full {
+                in_use: held.len() as u64,
+            })
+        }
+    }
+
+    async fn release_slot(&self, scope: &str, id: RunId) -> Result<(), StoreError> {
+        if let Some(held) = self.lock().slots.get_mut(scope) {
+            held.remove(&id);
+        }
+        Ok(())
+    }
+
+    fn fenced_writes(&self) -> u64 {
+        self.fenced.load(Ordering::Relaxed)
     }
 }

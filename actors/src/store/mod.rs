@@ -5,10 +5,12 @@ pub mod memory;
 pub mod redis;
 
 use std::pin::Pin;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures_util::Stream;
+use serde::{Deserialize, Serialize};
 
 use crate::model::{EventKind, LogLine, LogSource, RunEvent, RunId, RunRecord, RunState};
 
@@ -23,6 +25,13 @@ pub enum StoreError {
     IdempotencyConflict { key: String, run_id: RunId },
     #[error("cursor '{cursor}' is not valid")]
     BadCursor { cursor: String },
+    /// The run is driven by a newer lease: this writer lost it (another replica adopted the run).
+    #[error("run {run_id} is owned by a newer lease (fence {current}); a write with fence {fence} was refused")]
+    Fenced {
+        run_id: RunId,
+        fence: u64,
+        current: u64,
+    },
     /// The store answered with something this build cannot use (unreadable data, a refused
     /// command, a bad store url).
     #[error("run store error: {message}")]
@@ -69,6 +78,95 @@ pub struct TokenRecord {
     pub expires_at: DateTime<Utc>,
     pub revoked: bool,
 }
+
+/// Which replica drives a run, and the fencing token its writes carry. Every claim raises the
+/// fence, so the writes of an earlier owner (a replica that was paused or cut off) are refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub run_id: RunId,
+    pub replica: String,
+    pub fence: u64,
+}
+
+/// When a replica may take a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Only if nobody owns it or its owner's heartbeat lapsed (a new run, or adoption).
+    IfOrphaned,
+    /// Whoever owns it: the run's shim connected to this replica, so the run moves here.
+    Takeover,
+}
+
+/// The outcome of a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// This replica owns the run now (and the previous owner, if there was one).
+    Claimed {
+        lease: Lease,
+        previous: Option<String>,
+    },
+    /// A live replica owns it.
+    Held { owner: String },
+}
+
+/// Writes of one run's actor, applied together and only while its lease is current.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunWrite {
+    pub events: Vec<EventKind>,
+    pub agent_logs: Vec<(String, String)>,
+    pub record: Option<RunRecord>,
+    /// The highest shim sequence number these writes complete.
+    pub seq: Option<u64>,
+}
+
+impl RunWrite {
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+            && self.agent_logs.is_empty()
+            && self.record.is_none()
+            && self.seq.is_none()
+    }
+
+    /// Adds `later` after these writes (its record, if any, replaces this one's).
+    pub fn merge(&mut self, later: RunWrite) {
+        self.events.extend(later.events);
+        self.agent_logs.extend(later.agent_logs);
+        if later.record.is_some() {
+            self.record = later.record;
+        }
+        self.seq = self.seq.max(later.seq);
+    }
+}
+
+/// A request about a run, carried to the replica that owns it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum RunCommand {
+    Stop { grace_s: Option<u64> },
+    Kill { reason: Option<String> },
+}
+
+/// A note to one replica about one of its runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "notice", rename_all = "snake_case")]
+pub enum Notice {
+    /// Commands wait in the run's queue.
+    Commands { run_id: RunId },
+    /// Another replica took the run over: stop driving it.
+    Released { run_id: RunId, by: String },
+}
+
+/// Whether a run got a slot under a concurrency limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    /// `in_use` runs hold the scope's slots already.
+    Full {
+        in_use: u64,
+    },
+}
+
+pub type NoticeStream = Pin<Box<dyn Stream<Item = Notice> + Send>>;
 
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<RunEvent, StoreError>> + Send>>;
 pub type LogLineStream = Pin<Box<dyn Stream<Item = Result<LogLine, StoreError>> + Send>>;
@@ -129,4 +227,74 @@ pub trait RunStore: Send + Sync + 'static {
 
     /// Whether the store is reachable (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Records that `replica` is alive for `ttl` (its runs are orphaned once it lapses).
+    async fn heartbeat(&self, replica: &str, ttl: Duration) -> Result<(), StoreError>;
+
+    /// Replicas whose heartbeat is current.
+    async fn live_replicas(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Makes `replica` the run's owner under a new, higher fence, when `claim` allows.
+    async fn claim_run(
+        &self,
+        id: RunId,
+        replica: &str,
+        claim: Claim,
+    ) -> Result<ClaimOutcome, StoreError>;
+
+    /// The run's current lease, if it was ever claimed.
+    async fn lease(&self, id: RunId) -> Result<Option<Lease>, StoreError>;
+
+    /// Applies `write` (events, then agent log lines, then the record and the sequence number)
+    /// at once, if `lease` is still the run's current one; otherwise [`StoreError::Fenced`].
+    async fn write_run(&self, lease: &Lease, write: RunWrite) -> Result<(), StoreError>;
+
+    /// The run ended: it no longer counts among its owner's runs. The lease stays, so writes
+    /// of earlier owners are still refused.
+    async fn release_run(&self, lease: &Lease) -> Result<(), StoreError>;
+
+    /// The highest shim sequence number stored for the run (0 when none).
+    async fn last_seq(&self, id: RunId) -> Result<u64, StoreError>;
+
+    /// Runs owned by replicas whose heartbeat lapsed.
+    async fn orphaned_runs(&self) -> Result<Vec<RunId>, StoreError>;
+
+    /// Queues a command for the run and notifies its owner; returns the owner if it is alive.
+    async fn push_command(
+        &self,
+        id: RunId,
+        command: &RunCommand,
+    ) -> Result<Option<String>, StoreError>;
+
+    /// Takes the run's queued commands, oldest first.
+    async fn take_commands(&self, id: RunId) -> Result<Vec<RunCommand>, StoreError>;
+
+    /// Runs that have queued commands.
+    async fn runs_with_commands(&self) -> Result<Vec<RunId>, StoreError>;
+
+    /// Sends a notice to one replica (lost if it is not listening; queues are the record).
+    async fn notify(&self, replica: &str, notice: &Notice) -> Result<(), StoreError>;
+
+    /// Notices to `replica` for as long as the stream is held, reconnecting by itself.
+    async fn notices(&self, replica: &str) -> Result<NoticeStream, StoreError>;
+
+    /// Stores bytes every replica can read (agent bundles, what adopting a run needs).
+    async fn put_blob(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError>;
+
+    async fn get_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Takes one of `limit` slots of `scope` for the run, atomically across replicas (a run
+    /// that holds one already keeps it).
+    async fn acquire_slot(
+        &self,
+        scope: &str,
+        limit: u32,
+        id: RunId,
+    ) -> Result<Admission, StoreError>;
+
+    /// Gives the run's slot of `scope` back.
+    async fn release_slot(&self, scope: &str, id: RunId) -> Result<(), StoreError>;
+
+    /// How many writes this handle had refused for an outdated lease.
+    fn fenced_writes(&self) -> u64;
 }

@@ -16,6 +16,22 @@
 //! | `logs_closed:<id>` | string | set when the run's logs are closed |
 //! | `token:<sha256>` | string | the token record as JSON, expiring (PXAT) when the token does |
 //! | `tokens:<run id>` | set | hashes of the run's tokens, so revocation finds them; expires with the last token |
+//! | `lease:<id>` | hash | `replica` owning the run, `fence` (raised by every claim) |
+//! | `seq:<id>` | string | the highest shim sequence number stored |
+//! | `replica:<name>` | string | present while the replica's heartbeat is current (PX expiry) |
+//! | `replicas` | set | replicas that own or owned runs |
+//! | `owned:<name>` | set | live runs a replica owns |
+//! | `cmds:<id>` | list | commands (stop, kill) for the run's owner, as JSON |
+//! | `cmdq` | set | runs with queued commands |
+//! | `slots:<scope>` | set | runs holding a slot of a concurrency limit |
+//! | `blob:<key>` | string | bytes every replica reads: agent bundles, run specs |
+//!
+//! Channel `notices:<replica>` carries [`Notice`]s (JSON) to one replica.
+//!
+//! A run actor's writes go through `write_run`: one script call that first compares the run's
+//! fence with the writer's, then appends events and agent log lines, replaces the record and
+//! raises `seq:<id>`. A tool call therefore costs two store calls (the `tool_call` event with
+//! its sequence number, then the `tool_result` event), fewer when writes queue up and are merged.
 //!
 //! Creating a run (record, order index and idempotency key), appending events or log lines and
 //! closing logs are Lua scripts, so they are atomic across replicas: one idempotency key yields
@@ -33,10 +49,11 @@
 //! [`StoreError::Unavailable`] naming its address (never its credentials) within
 //! [`RedisSettings::op_timeout`], and the store reconnects by itself once Redis is back.
 //!
-//! Nothing expires but tokens: records, events and logs are kept until removed by hand.
+//! Nothing expires but tokens and heartbeats: records, events and logs are kept until removed by hand.
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,8 +67,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
 use super::{
-    CreateOutcome, EventStream, LogLineStream, RunFilter, RunPage, RunStore, StoreError,
-    TokenRecord,
+    Admission, Claim, ClaimOutcome, CreateOutcome, EventStream, Lease, LogLineStream, Notice,
+    NoticeStream, RunCommand, RunFilter, RunPage, RunStore, RunWrite, StoreError, TokenRecord,
 };
 use crate::model::{EventKind, LogLine, LogSource, RunEvent, RunId, RunRecord};
 
@@ -169,6 +186,117 @@ end
 return 0
 ";
 
+/// Makes ARGV[1] the run's owner with a higher fence, unless (mode `orphaned`) a live replica
+/// holds it. KEYS: lease, run. ARGV: replica, mode, key prefix, run id.
+/// Returns strings: {1, previous owner or '', fence}, {0, owner, fence} when held, {-1} without
+/// a run.
+const CLAIM: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 0 then return {'-1'} end
+local owner = redis.call('HGET', KEYS[1], 'replica')
+local fence = tonumber(redis.call('HGET', KEYS[1], 'fence') or '0')
+if ARGV[2] == 'orphaned' and owner and redis.call('EXISTS', ARGV[3] .. 'replica:' .. owner) == 1 then
+  return {'0', owner, tostring(fence)}
+end
+fence = fence + 1
+redis.call('HSET', KEYS[1], 'replica', ARGV[1], 'fence', fence)
+if owner then redis.call('SREM', ARGV[3] .. 'owned:' .. owner, ARGV[4]) end
+redis.call('SADD', ARGV[3] .. 'owned:' .. ARGV[1], ARGV[4])
+redis.call('SADD', ARGV[3] .. 'replicas', ARGV[1])
+return {'1', owner or '', tostring(fence)}
+";
+
+/// A run actor's writes, if its fence is current. KEYS: lease, run, events, agent logs, seq.
+/// ARGV: fence, at, seq or '', record json or '', number of events, the events' JSON, then
+/// stream/line pairs. Returns {0}, {-2, current fence} when fenced, {-1} without a run.
+const WRITE_RUN: &str = r"
+local current = tonumber(redis.call('HGET', KEYS[1], 'fence') or '0')
+if current ~= tonumber(ARGV[1]) then return {-2, current} end
+if redis.call('EXISTS', KEYS[2]) == 0 then return {-1} end
+local function last_index(key)
+  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if #last > 0 then return tonumber(string.match(last[1][1], '^(%d+)')) end
+  return 0
+end
+local n_events = tonumber(ARGV[5])
+if n_events > 0 then
+  local n = last_index(KEYS[3])
+  for i = 6, 5 + n_events do
+    n = n + 1
+    redis.call('XADD', KEYS[3], string.format('%d-0', n), 'at', ARGV[2], 'kind', ARGV[i])
+  end
+end
+local first_log = 6 + n_events
+if first_log < #ARGV then
+  local n = last_index(KEYS[4])
+  for i = first_log, #ARGV - 1, 2 do
+    n = n + 1
+    redis.call('XADD', KEYS[4], string.format('%d-0', n), 'at', ARGV[2], 'stream', ARGV[i], 'line', ARGV[i + 1])
+  end
+end
+if ARGV[4] ~= '' then redis.call('SET', KEYS[2], ARGV[4]) end
+if ARGV[3] ~= '' then
+  local seq = tonumber(redis.call('GET', KEYS[5]) or '0')
+  if tonumber(ARGV[3]) > seq then redis.call('SET', KEYS[5], ARGV[3]) end
+end
+return {0}
+";
+
+/// Runs owned by replicas whose heartbeat lapsed; forgets lapsed replicas that own nothing.
+/// KEYS: replicas. ARGV: key prefix.
+const ORPHANED: &str = r"
+local found = {}
+for _, replica in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[1] .. 'replica:' .. replica) == 0 then
+    local owned = redis.call('SMEMBERS', ARGV[1] .. 'owned:' .. replica)
+    if #owned == 0 then redis.call('SREM', KEYS[1], replica) end
+    for _, id in ipairs(owned) do table.insert(found, id) end
+  end
+end
+return found
+";
+
+/// Replicas whose heartbeat is current. KEYS: replicas. ARGV: key prefix.
+const LIVE_REPLICAS: &str = r"
+local live = {}
+for _, replica in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[1] .. 'replica:' .. replica) == 1 then table.insert(live, replica) end
+end
+return live
+";
+
+/// Queues a command and notifies the run's owner if it is alive. KEYS: lease, cmds, cmdq, run.
+/// ARGV: command json, run id, key prefix, notice json. Returns the owner, false, or -1.
+const PUSH_COMMAND: &str = r"
+if redis.call('EXISTS', KEYS[4]) == 0 then return -1 end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[2])
+local owner = redis.call('HGET', KEYS[1], 'replica')
+if owner and redis.call('EXISTS', ARGV[3] .. 'replica:' .. owner) == 1 then
+  redis.call('PUBLISH', ARGV[3] .. 'notices:' .. owner, ARGV[4])
+  return owner
+end
+return false
+";
+
+/// KEYS: cmds, cmdq. ARGV: run id.
+const TAKE_COMMANDS: &str = r"
+local commands = redis.call('LRANGE', KEYS[1], 0, -1)
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+return commands
+";
+
+/// KEYS: slots. ARGV: limit, run id. Returns {1} when admitted, {0, in use} when full.
+const ACQUIRE_SLOT: &str = r"
+if redis.call('SISMEMBER', KEYS[1], ARGV[2]) == 1 then return {1} end
+local n = redis.call('SCARD', KEYS[1])
+if n < tonumber(ARGV[1]) then
+  redis.call('SADD', KEYS[1], ARGV[2])
+  return {1}
+end
+return {0, n}
+";
+
 /// A token record as stored.
 #[derive(Serialize, Deserialize)]
 struct TokenDoc {
@@ -183,6 +311,13 @@ struct Scripts {
     close_logs: Script,
     put_token: Script,
     revoke_tokens: Script,
+    claim: Script,
+    write_run: Script,
+    orphaned: Script,
+    live_replicas: Script,
+    push_command: Script,
+    take_commands: Script,
+    acquire_slot: Script,
 }
 
 struct Inner {
@@ -193,6 +328,8 @@ struct Inner {
     settings: RedisSettings,
     manager: OnceCell<ConnectionManager>,
     scripts: Scripts,
+    /// Writes refused for an outdated lease.
+    fenced: AtomicU64,
 }
 
 /// The Redis-backed [`RunStore`]; cheap to clone.
@@ -238,7 +375,15 @@ impl RedisStore {
                     close_logs: Script::new(CLOSE_LOGS),
                     put_token: Script::new(PUT_TOKEN),
                     revoke_tokens: Script::new(REVOKE_TOKENS),
+                    claim: Script::new(CLAIM),
+                    write_run: Script::new(WRITE_RUN),
+                    orphaned: Script::new(ORPHANED),
+                    live_replicas: Script::new(LIVE_REPLICAS),
+                    push_command: Script::new(PUSH_COMMAND),
+                    take_commands: Script::new(TAKE_COMMANDS),
+                    acquire_slot: Script::new(ACQUIRE_SLOT),
                 },
+                fenced: AtomicU64::new(0),
             }),
         })
     }
@@ -1040,6 +1185,486 @@ impl RunStore for RedisStore {
             .await?;
         Ok(())
     }
+    async fn heartbeat(&self, replica: &str, ttl: Duration) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let key = &inner.key(&format!("replica:{replica}"));
+        let replicas = &inner.key("replicas");
+        inner
+            .call(move |mut conn| async move {
+                redis::pipe()
+                    .atomic()
+                    .cmd("SET")
+                    .arg(key)
+                    .arg("1")
+                    .arg("PX")
+                    .arg(ttl.as_millis().max(1) as u64)
+                    .ignore()
+                    .cmd("SADD")
+                    .arg(replicas)
+                    .arg(replica)
+                    .ignore()
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))
+            })
+            .await
+    }
+
+    async fn live_replicas(&self) -> Result<Vec<String>, StoreError> {
+        let inner = &self.inner;
+        let mut live: Vec<String> = inner
+            .call(move |mut conn| async move {
+                inner
+                    .scripts
+                    .live_replicas
+                    .key(inner.key("replicas"))
+                    .arg(&inner.prefix)
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))
+            })
+            .await?;
+        live.sort();
+        Ok(live)
+    }
+
+    async fn claim_run(
+        &self,
+        id: RunId,
+        replica: &str,
+        claim: Claim,
+    ) -> Result<ClaimOutcome, StoreError> {
+        let inner = &self.inner;
+        let mode = match claim {
+            Claim::IfOrphaned => "orphaned",
+            Claim::Takeover => "takeover",
+        };
+        let reply: Vec<String> = inner
+            .call(move |mut conn| async move {
+                inner
+                    .scripts
+                    .claim
+                    .key(inner.key(&format!("lease:{id}")))
+                    .key(inner.run_key(id))
+                    .arg(replica)
+                    .arg(mode)
+                    .arg(&inner.prefix)
+                    .arg(id.to_string())
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))
+            })
+            .await?;
+        let bad = || StoreError::Backend {
+            message: format!("redis at {}: unexpected claim reply {reply:?}", inner.addr),
+        };
+        match reply.as_slice() {
+            [code] if code == "-1" => Err(StoreError::RunNotFound { run_id: id }),
+            [code, owner, fence] => {
+                let fence: u64 = fence.parse().map_err(|_| bad())?;
+                match code.as_str() {
+                    "1" => Ok(ClaimOutcome::Claimed {
+                        lease: Lease {
+                            run_id: id,
+                            replica: replica.to_string(),
+                            fence,
+                        },
+                        previous: (!owner.is_empty()).then(|| owner.clone()),
+                    }),
+                    "0" => Ok(ClaimOutcome::Held {
+                        owner: owner.clone(),
+                    }),
+                    _ => Err(bad()),
+                }
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    async fn lease(&self, id: RunId) -> Result<Option<Lease>, StoreError> {
+        let inner = &self.inner;
+        let key = &inner.key(&format!("lease:{id}"));
+        let (replica, fence): (Option<String>, Option<u64>) = inner
+            .call(move |mut conn| async move {
+                redis::cmd("HMGET")
+                    .arg(key)
+                    .arg("replica")
+                    .arg("fence")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))
+            })
+            .await?;
+        Ok(match (replica, fence) {
+            (Some(replica), Some(fence)) => Some(Lease {
+                run_id: id,
+                replica,
+                fence,
+            }),
+            _ => None,
+        })
+    }
+
+    async fn write_run(&self, lease: &Lease, write: RunWrite) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let id = lease.run_id;
+        let encode = |what: &str, err: serde_json::Error| StoreError::Backend {
+            message: format!("could not encode {what} of run {id}: {err}"),
+        };
+        let record = match &write.record {
+            Some(record) => serde_json::to_string(record).map_err(|e| encode("the record", e))?,
+            None => String::new(),
+        };
+        let events = write
+            .events
+            .iter()
+            .map(serde_json::to_string)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| encode("an event", e))?;
+        let (record, events, logs) = (&record, &events, &write.agent_logs);
+        let at = &timestamp_arg(Utc::now());
+        let seq = &write.seq.map(|s| s.to_string()).unwrap_or_default();
+        let reply: Vec<i64> = inner
+            .call(move |mut conn| async move {
+                let mut invocation = inner
+                    .scripts
+                    .write_run
+                    .key(inner.key(&format!("lease:{id}")));
+                invocation
+                    .key(inner.run_key(id))
+                    .key(inner.journal_key(id, Journal::Events, LogSource::Agent))
+                    .key(inner.logs_key(id, LogSource::Agent))
+                    .key(inner.key(&format!("seq:{id}")))
+                    .arg(lease.fence)
+                    .arg(at)
+                    .arg(seq)
+                    .arg(record)
+                    .arg(events.len());
+                for event in events {
+                    invocation.arg(event);
+                }
+                for (stream, line) in logs {
+                    invocation.arg(stream).arg(line);
+                }
+                invocation
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))
+            })
+            .await?;
+        match reply.as_slice() {
+            [0] => Ok(()),
+            [-1] => Err(StoreError::RunNotFound { run_id: id }),
+            [-2, current] => {
+                inner.fenced.fetch_add(1, Ordering::Relaxed);
+                Err(StoreError::Fenced {
+                    run_id: id,
+                    fence: lease.fence,
+                    current: u64::try_from(*current).unwrap_or(0),
+                })
+            }
+            other => Err(StoreError::Backend {
+                message: format!("redis at {}: unexpected write reply {other:?}", inner.addr),
+            }),
+        }
+    }
+
+    async fn release_run(&self, lease: &Lease) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let owned = &inner.key(&format!("owned:{}", lease.replica));
+        inner
+            .call(move |mut conn| async move {
+                redis::cmd("SREM")
+                    .arg(owned)
+                    .arg(lease.run_id.to_string())
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))
+            })
+            .await
+    }
+
+    async fn last_seq(&self, id: RunId) -> Result<u64, StoreError> {
+        let inner = &self.inner;
+        let key = &inner.key(&format!("seq:{id}"));
+        let seq: Option<u64> = inner
+            .call(move |mut conn| async move {
+                redis::cmd("GET")
+                    .arg(key)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))
+            })
+            .await?;
+        Ok(seq.unwrap_or(0))
+    }
+
+    async fn orphaned_runs(&self) -> Result<Vec<RunId>, StoreError> {
+        let inner = &self.inner;
+        let ids: Vec<String> = inner
+            .call(move |mut conn| async move {
+                inner
+                    .scripts
+                    .orphaned
+                    .key(inner.key("replicas"))
+                    .arg(&inner.prefix)
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))
+            })
+            .await?;
+        parse_ids(inner, ids)
+    }
+
+    async fn push_command(
+        &self,
+        id: RunId,
+        command: &RunCommand,
+    ) -> Result<Option<String>, StoreError> {
+        let inner = &self.inner;
+        let encode = |err: serde_json::Error| StoreError::Backend {
+            message: format!("could not encode a command for run {id}: {err}"),
+        };
+        let json = &serde_json::to_string(command).map_err(encode)?;
+        let notice = &serde_json::to_string(&Notice::Commands { run_id: id }).map_err(encode)?;
+        let reply: redis::Value = inner
+            .call(move |mut conn| async move {
+                inner
+                    .scripts
+                    .push_command
+                    .key(inner.key(&format!("lease:{id}")))
+                    .key(inner.key(&format!("cmds:{id}")))
+                    .key(inner.key("cmdq"))
+                    .key(inner.run_key(id))
+                    .arg(json)
+                    .arg(id.to_string())
+                    .arg(&inner.prefix)
+                    .arg(notice)
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))
+            })
+            .await?;
+        match reply {
+            redis::Value::Int(-1) => Err(StoreError::RunNotFound { run_id: id }),
+            redis::Value::Nil => Ok(None),
+            other => redis::from_redis_value::<String>(&other)
+                .map(Some)
+                .map_err(|err| inner.error(err)),
+        }
+    }
+
+    async fn take_commands(&self, id: RunId) -> Result<Vec<RunCommand>, StoreError> {
+        let inner = &self.inner;
+        let key = &inner.key(&format!("cmds:{id}"));
+        let raw: Vec<String> = inner
+            .call(move |mut conn| async move {
+                inner
+                    .scripts
+                    .take_commands
+                    .key(key)
+                    .key(inner.key("cmdq"))
+                    .arg(id.to_string())
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))
+            })
+            .await?;
+        raw.iter()
+            .map(|json| serde_json::from_str(json).map_err(|err| inner.corrupt(key, err)))
+            .collect()
+    }
+
+    async fn runs_with_commands(&self) -> Result<Vec<RunId>, StoreError> {
+        let inner = &self.inner;
+        let key = &inner.key("cmdq");
+        let ids: Vec<String> = inner
+            .call(move |mut conn| async move {
+                redis::cmd("SMEMBERS")
+                    .arg(key)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))
+            })
+            .await?;
+        parse_ids(inner, ids)
+    }
+
+    async fn notify(&self, replica: &str, notice: &Notice) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let channel = &inner.key(&format!("notices:{replica}"));
+        let json = &serde_json::to_string(notice).map_err(|err| StoreError::Backend {
+            message: format!("could not encode a notice: {err}"),
+        })?;
+        inner
+            .call(move |mut conn| async move {
+                redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(json)
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))
+            })
+            .await
+    }
+
+    async fn notices(&self, replica: &str) -> Result<NoticeStream, StoreError> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let inner = self.inner.clone();
+        let channel = inner.key(&format!("notices:{replica}"));
+        tokio::spawn(async move {
+            let mut failures = 0u32;
+            while !tx.is_closed() {
+                match subscribe(&inner, &channel).await {
+                    Ok(pubsub) => {
+                        failures = 0;
+                        let mut messages = pubsub.into_on_message();
+                        loop {
+                            tokio::select! {
+                                message = messages.next() => {
+                                    let Some(message) = message else { break };
+                                    let payload: String = match message.get_payload() {
+                                        Ok(p) => p,
+                                        Err(err) => {
+                                            tracing::warn!(error = %err, "unreadable notice");
+                                            continue;
+                                        }
+                                    };
+                                    match serde_json::from_str::<Notice>(&payload) {
+                                        Ok(notice) => {
+                                            if tx.send(notice).is_err() {
+                                                return;
+                                            }
+                                        }
+                                        Err(err) => tracing::warn!(error = %err, payload, "unreadable notice"),
+                                    }
+                                }
+                                _ = tx.closed() => return,
+                            }
+                        }
+                        tracing::warn!(redis = %inner.addr, "notice subscription ended; subscribing again");
+                    }
+                    Err(err) => {
+                        failures += 1;
+                        if failures == 1 || failures % 30 == 0 {
+                            tracing::warn!(error = %err, "cannot subscribe to notices; retrying");
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        Ok(tokio_stream::wrappers::UnboundedReceiverStream::new(rx).boxed())
+    }
+
+    async fn put_blob(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let key = &inner.key(&format!("blob:{key}"));
+        inner
+            .call(move |mut conn| async move {
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(bytes)
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))
+            })
+            .await
+    }
+
+    async fn get_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let inner = &self.inner;
+        let key = &inner.key(&format!("blob:{key}"));
+        inner
+            .call(move |mut conn| async move {
+                redis::cmd("GET")
+                    .arg(key)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))
+            })
+            .await
+    }
+
+    async fn acquire_slot(
+        &self,
+        scope: &str,
+        limit: u32,
+        id: RunId,
+    ) -> Result<Admission, StoreError> {
+        let inner = &self.inner;
+        let reply: Vec<i64> = inner
+            .call(move |mut conn| async move {
+                inner
+                    .scripts
+                    .acquire_slot
+                    .key(inner.key(&format!("slots:{scope}")))
+                    .arg(limit)
+                    .arg(id.to_string())
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))
+            })
+            .await?;
+        match reply.as_slice() {
+            [1] => Ok(Admission::Admitted),
+            [0, n] => Ok(Admission::Full {
+                in_use: u64::try_from(*n).unwrap_or(0),
+            }),
+            other => Err(StoreError::Backend {
+                message: format!("redis at {}: unexpected slot reply {other:?}", inner.addr),
+            }),
+        }
+    }
+
+    async fn release_slot(&self, scope: &str, id: RunId) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let key = &inner.key(&format!("slots:{scope}"));
+        inner
+            .call(move |mut conn| async move {
+                redis::cmd("SREM")
+                    .arg(key)
+                    .arg(id.to_string())
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(|err| inner.error(err))
+            })
+            .await
+    }
+
+    fn fenced_writes(&self) -> u64 {
+        self.inner.fenced.load(Ordering::Relaxed)
+    }
+}
+
+/// A pub/sub connection subscribed to `channel`, within the call deadline.
+async fn subscribe(inner: &Inner, channel: &str) -> Result<redis::aio::PubSub, StoreError> {
+    let work = async {
+        let mut pubsub = inner
+            .client
+            .get_async_pubsub()
+            .await
+            .map_err(|err| inner.error(err))?;
+        pubsub
+            .subscribe(channel)
+            .await
+            .map_err(|err| inner.error(err))?;
+        Ok(pubsub)
+    };
+    match tokio::time::timeout(inner.settings.op_timeout, work).await {
+        Ok(result) => result,
+        Err(_) => Err(inner.unavailable("could not subscribe in time")),
+    }
+}
+
+fn parse_ids(inner: &Inner, ids: Vec<String>) -> Result<Vec<RunId>, StoreError> {
+    ids.iter()
+        .map(|raw| {
+            raw.parse::<RunId>().map_err(|err| StoreError::Backend {
+                message: format!("redis at {}: bad run id '{raw}': {err}", inner.addr),
+            })
+        })
+        .collect()
 }
 
 impl RedisStore {
