@@ -2,6 +2,7 @@
 //! provider, one `RunActor` per run, one `SandboxConnection` per shim WebSocket; and the seams they
 //! stand on (`Provider`, `RunStore`, `ToolHost`).
 
+pub mod cluster;
 pub mod model;
 pub mod provider;
 pub mod reconciler;

@@ -180,7 +180,9 @@ fn harness(mode: SpawnMode) -> Harness {
             cluster_id: "test".into(),
             evidence_lines: 10,
             usage_interval: Duration::ZERO,
+            replica_id: "test-replica".into(),
         }),
+        adopt_span: ::actors::run::detached_adopt_span,
     };
     Harness {
         store,
@@ -219,6 +221,15 @@ impl Harness {
             env_names: vec![],
         };
         self.store.create_run(&record, None).await.unwrap();
+        let lease = match self
+            .store
+            .claim_run(id, "test-replica", ::actors::store::Claim::IfOrphaned)
+            .await
+            .unwrap()
+        {
+            ::actors::store::ClaimOutcome::Claimed { lease, .. } => lease,
+            held => panic!("fresh run not claimed: {held:?}"),
+        };
         let addr = RunActor::launch(
             RunSpec {
                 record,
@@ -233,6 +244,7 @@ impl Harness {
                 traceparent: format!("00-{}-{}-01", "0".repeat(32), "0".repeat(16)),
                 span: tracing::Span::none(),
             },
+            lease,
             self.deps.clone(),
         );
         (id, addr)

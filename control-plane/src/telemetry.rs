@@ -296,6 +296,49 @@ pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, TelemetryError> {
     })
 }
 
+/// Root span of a run adopted from another replica: a child of the run's trace, through the
+/// W3C `traceparent` the run was given at creation, so the adopter's spans join the same trace.
+pub fn adopted_run_span(record: &actors::model::RunRecord, traceparent: &str) -> tracing::Span {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let span = tracing::info_span!(
+        parent: None,
+        "codebolt.run.adopted",
+        run.id = %record.id,
+        run.agent = %record.agent,
+        run.provider = %record.provider,
+        run.state = tracing::field::Empty,
+        run.failure = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    let mut parts = traceparent.split('-');
+    let (_, trace, parent) = (parts.next(), parts.next(), parts.next());
+    let ids = trace
+        .and_then(|t| TraceId::from_hex(t).ok())
+        .zip(parent.and_then(|p| SpanId::from_hex(p).ok()));
+    match ids {
+        Some((trace_id, span_id)) => {
+            let remote = SpanContext::new(
+                trace_id,
+                span_id,
+                TraceFlags::SAMPLED,
+                true,
+                TraceState::default(),
+            );
+            let context = opentelemetry::Context::new().with_remote_span_context(remote);
+            if let Err(err) = span.set_parent(context) {
+                tracing::debug!(run_id = %record.id, error = %err, "adopted run's span not joined to its trace");
+            }
+        }
+        None => {
+            tracing::warn!(run_id = %record.id, traceparent, "unreadable traceparent; the adopted run starts a trace of its own")
+        }
+    }
+    span
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

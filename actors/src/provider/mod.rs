@@ -52,7 +52,7 @@ pub enum SpawnProgress {
 }
 
 /// A started sandbox, as the provider knows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct SandboxHandle {
     /// Provider's id: container id, pod name, pid, …
     pub id: String,

@@ -14,8 +14,10 @@ use chrono::Utc;
 use futures_util::{FutureExt, StreamExt};
 use serde_json::Value;
 
-use super::messages::{KillRun, ShimFrame, ShimGone, ShimHello, StopRun};
-use super::state::{transition, Action, Input, Limits, Phase, Timer};
+use super::messages::{
+    CheckCommands, KillRun, ShimFrame, ShimGone, ShimHello, StopRun, Superseded,
+};
+use super::state::{transition, Action, Ending, Input, Limits, Phase, Timer};
 use crate::model::{
     EventKind, Evidence, Failure, FailureKind, LogSource, RunId, RunRecord, RunState, Usage,
 };
@@ -24,7 +26,7 @@ use crate::router::{
     KillSandbox, ProviderCost, ProviderRouter, SandboxLogs, SandboxUsage, SpawnSandbox, WaitSandbox,
 };
 use crate::sandbox_connection::messages::ToShim;
-use crate::store::{RunStore, TokenRecord};
+use crate::store::{Lease, RunCommand, RunStore, RunWrite, StoreError, TokenRecord};
 use crate::token::{self, TokenError};
 use crate::tools::{codes, ToolHost};
 
@@ -70,12 +72,16 @@ pub struct RunSettings {
     pub evidence_lines: usize,
     /// How often the provider is asked for the sandbox's resource usage (zero: never).
     pub usage_interval: Duration,
+    /// This replica's name: the owner of the runs it drives.
+    pub replica_id: String,
 }
 
 /// Live run actors of this replica, by run id.
 #[derive(Clone, Default)]
 pub struct RunRegistry {
     inner: Arc<Mutex<HashMap<RunId, Addr<RunActor>>>>,
+    /// Held while a run is being adopted, so one replica never starts two actors for a run.
+    pub(crate) adopting: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl RunRegistry {
@@ -95,13 +101,37 @@ impl RunRegistry {
         self.lock().is_empty()
     }
 
+    /// Ids of the runs this replica drives.
+    pub fn ids(&self) -> Vec<RunId> {
+        self.lock().keys().copied().collect()
+    }
+
     fn insert(&self, id: RunId, addr: Addr<RunActor>) {
         self.lock().insert(id, addr);
     }
 
-    fn remove(&self, id: RunId) {
-        self.lock().remove(&id);
+    /// Forgets the run's actor if it is still `addr` (not a newer actor of the same run).
+    fn remove(&self, id: RunId, addr: &Addr<RunActor>) {
+        let mut runs = self.lock();
+        if runs.get(&id) == Some(addr) {
+            runs.remove(&id);
+        }
     }
+}
+
+/// Makes the root span of a run adopted from another replica, joining the run's trace through
+/// its W3C `traceparent`.
+pub type AdoptSpan = fn(&RunRecord, &str) -> tracing::Span;
+
+/// A root span for an adopted run that records the trace it belongs to but does not join it
+/// (for hosts without an OpenTelemetry layer).
+pub fn detached_adopt_span(record: &RunRecord, _traceparent: &str) -> tracing::Span {
+    tracing::info_span!(
+        parent: None,
+        "codebolt.run.adopted",
+        run.id = %record.id,
+        run.trace_id = %record.trace_id,
+    )
 }
 
 /// What a run actor stands on.
@@ -112,6 +142,33 @@ pub struct RunDeps {
     pub router: Addr<ProviderRouter>,
     pub registry: RunRegistry,
     pub settings: Arc<RunSettings>,
+    pub adopt_span: AdoptSpan,
+}
+
+/// The parts of a run's spec another replica needs to adopt it, kept in the store as
+/// `spec:<run id>`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StoredSpec {
+    pub image: Option<String>,
+    pub bundle: BundleInfo,
+    pub env: BTreeMap<String, String>,
+    pub traceparent: String,
+}
+
+impl StoredSpec {
+    pub fn blob_key(id: RunId) -> String {
+        format!("spec:{id}")
+    }
+}
+
+/// Store key of the sandbox handle of a run (written once the provider created it).
+pub fn sandbox_blob_key(id: RunId) -> String {
+    format!("sandbox:{id}")
+}
+
+/// The concurrency-limit scope of a provider.
+pub fn provider_slot(provider: &str) -> String {
+    format!("provider:{provider}")
 }
 
 /// What a new run needs besides its record.
@@ -130,15 +187,15 @@ pub struct RunSpec {
 
 /// Writes of one run, carried out in order by the run's writer task.
 enum WriteOp {
-    Events(Vec<EventKind>),
-    Record(Box<RunRecord>),
-    Logs(Vec<(String, String)>),
+    Write(Box<RunWrite>),
     /// Acknowledge a shim frame once everything queued before it is stored.
     Ack {
         seq: u64,
         conn: Recipient<ToShim>,
     },
-    Kill(KillSandbox, tracing::Span),
+    /// Remove the sandbox (looked up in the store when the actor does not know it), once the
+    /// lease is confirmed current.
+    Kill(Option<SandboxHandle>, tracing::Span),
     Finish(Box<FinalWrite>),
 }
 
@@ -157,93 +214,215 @@ struct Finished(Box<RunRecord>);
 /// Capacity of a run's write queue.
 const WRITE_QUEUE: usize = 65_536;
 
-/// Carries out a run's writes in order, off the actor, so slow storage never blocks it.
-async fn writer(
+/// What a run's writer needs.
+struct Writer {
     id: RunId,
-    mut rx: tokio::sync::mpsc::Receiver<WriteOp>,
+    lease: Lease,
+    provider: String,
     store: Arc<dyn RunStore>,
     router: Addr<ProviderRouter>,
     evidence_lines: usize,
-) {
-    while let Some(op) = rx.recv().await {
-        match op {
-            WriteOp::Events(events) => {
-                for event in events {
-                    if let Err(err) = store.append_event(id, event).await {
-                        tracing::warn!(run_id = %id, error = %err, "could not record run event");
+    actor: Recipient<Superseded>,
+}
+
+/// Writes merged into one store call at most.
+const WRITE_BATCH: usize = 512;
+
+/// Carries out a run's writes in order, off the actor, so slow storage never blocks it. Writes
+/// that queue up are merged into one store call; acks go out once what precedes them is stored.
+/// While the store is unavailable, writes wait and are retried (nothing is dropped); once the
+/// lease is lost, the writer stops and tells the actor.
+async fn writer(w: Writer, mut rx: tokio::sync::mpsc::Receiver<WriteOp>) {
+    let mut pending = RunWrite::default();
+    let mut acks: Vec<(u64, Recipient<ToShim>)> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(op) = next.take() {
+            match op {
+                WriteOp::Write(write) => pending.merge(*write),
+                WriteOp::Ack { seq, conn } => acks.push((seq, conn)),
+                WriteOp::Kill(handle, span) => {
+                    if !w.flush(&mut pending, &mut acks).await {
+                        return;
                     }
-                }
-            }
-            WriteOp::Record(record) => {
-                if let Err(err) = store.put_run(&record).await {
-                    tracing::warn!(run_id = %id, error = %err, "could not store run record");
-                }
-            }
-            WriteOp::Logs(lines) => {
-                if let Err(err) = store.append_logs(id, LogSource::Agent, lines).await {
-                    tracing::warn!(run_id = %id, error = %err, "could not store agent log");
-                }
-            }
-            WriteOp::Ack { seq, conn } => {
-                if let Err(err) = conn.try_send(ToShim::Frame(ServerMessage::Ack { seq })) {
-                    tracing::debug!(run_id = %id, error = %err, "could not queue an ack");
-                }
-            }
-            WriteOp::Kill(kill, span) => {
-                match tracing::Instrument::instrument(router.send(kill), span).await {
-                    Ok(Ok(())) => tracing::info!(run_id = %id, "sandbox removed"),
-                    Ok(Err(err)) => {
-                        tracing::warn!(run_id = %id, error = %err, "could not remove the sandbox")
+                    // An empty write confirms the lease before anything is removed.
+                    if !w.write_or_step_down(RunWrite::default()).await {
+                        return;
                     }
-                    Err(err) => {
-                        tracing::warn!(run_id = %id, error = %err, "provider router unavailable")
+                    w.kill(handle, span).await;
+                }
+                WriteOp::Finish(last) => {
+                    if w.flush(&mut pending, &mut acks).await {
+                        w.finish(*last).await;
                     }
+                    return;
                 }
             }
-            WriteOp::Finish(last) => {
-                let FinalWrite {
-                    mut record,
-                    from,
-                    billed_seconds,
-                    done,
-                } = *last;
-                if let Err(err) = store.revoke_tokens(id).await {
-                    tracing::warn!(run_id = %id, error = %err, "could not revoke the run token");
+            if pending.events.len() + pending.agent_logs.len() < WRITE_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !w.flush(&mut pending, &mut acks).await {
+            return;
+        }
+    }
+}
+
+impl Writer {
+    /// Stores `write` (retrying while the store is unavailable), then sends the acks. False
+    /// once the lease is lost.
+    async fn flush(&self, write: &mut RunWrite, acks: &mut Vec<(u64, Recipient<ToShim>)>) -> bool {
+        let write = std::mem::take(write);
+        if !write.is_empty() && !self.write_or_step_down(write).await {
+            return false;
+        }
+        for (seq, conn) in acks.drain(..) {
+            if let Err(err) = conn.try_send(ToShim::Frame(ServerMessage::Ack { seq })) {
+                tracing::debug!(run_id = %self.id, error = %err, "could not queue an ack");
+            }
+        }
+        true
+    }
+
+    /// Stores `write`; false (and the actor told) when the lease was lost.
+    async fn write_or_step_down(&self, write: RunWrite) -> bool {
+        match self.store_write(write).await {
+            Ok(()) => true,
+            Err(lost) => {
+                tracing::warn!(run_id = %self.id, error = %lost, "run lease lost; this replica stops driving the run");
+                if let Err(err) = self.actor.try_send(Superseded { by: None }) {
+                    tracing::debug!(run_id = %self.id, error = %err, "run actor already gone");
                 }
-                match router.send(ProviderCost(record.provider.clone())).await {
-                    Ok(Some(rates)) => {
-                        record.cost_estimate = rates.estimate(&record.resources, billed_seconds)
-                    }
-                    Ok(None) => {}
-                    Err(err) => tracing::warn!(run_id = %id, error = %err, "no cost rates"),
-                }
-                if record.failure.is_some() {
-                    record.evidence = Some(Evidence {
-                        provider_logs: tail(&*store, id, LogSource::Provider, evidence_lines).await,
-                        agent_logs: tail(&*store, id, LogSource::Agent, evidence_lines).await,
-                    });
-                }
-                if let Err(err) = store.put_run(&record).await {
-                    tracing::warn!(run_id = %id, error = %err, "could not store the final run record");
-                }
-                let event = EventKind::StateChanged {
-                    from,
-                    to: record.state,
-                    failure: record.failure.clone(),
-                };
-                if let Err(err) = store.append_event(id, event).await {
-                    tracing::warn!(run_id = %id, error = %err, "could not record the final event");
-                }
-                if let Err(err) = store.close_logs(id).await {
-                    tracing::warn!(run_id = %id, error = %err, "could not close the run's logs");
-                }
-                if let Err(err) = done.try_send(Finished(Box::new(record))) {
-                    tracing::debug!(run_id = %id, error = %err, "run actor already gone");
-                }
-                return;
+                false
             }
         }
     }
+
+    /// One fenced write, retried with backoff while the store is unavailable. `Err` only when
+    /// the lease was lost; other failures are logged and the write dropped.
+    async fn store_write(&self, write: RunWrite) -> Result<(), StoreError> {
+        let mut delay = Duration::from_millis(100);
+        let mut attempts = 0u32;
+        loop {
+            match self.store.write_run(&self.lease, write.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(err @ StoreError::Fenced { .. }) => return Err(err),
+                Err(StoreError::Unavailable { message }) => {
+                    attempts += 1;
+                    if attempts == 1 || attempts.is_multiple_of(20) {
+                        tracing::warn!(run_id = %self.id, error = %message, attempts, "run store unavailable; writes wait");
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(err) => {
+                    tracing::warn!(run_id = %self.id, error = %err, "could not store run writes");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn kill(&self, handle: Option<SandboxHandle>, span: tracing::Span) {
+        let id = self.id;
+        let handle = match handle {
+            Some(handle) => Some(handle),
+            None => match self.store.get_blob(&sandbox_blob_key(id)).await {
+                Ok(Some(bytes)) => match serde_json::from_slice(&bytes) {
+                    Ok(handle) => Some(handle),
+                    Err(err) => {
+                        tracing::warn!(run_id = %id, error = %err, "stored sandbox handle unreadable");
+                        None
+                    }
+                },
+                Ok(None) => None,
+                Err(err) => {
+                    tracing::warn!(run_id = %id, error = %err, "could not look up the sandbox");
+                    None
+                }
+            },
+        };
+        let Some(sandbox) = handle else {
+            tracing::info!(run_id = %id, "no sandbox known to remove");
+            return;
+        };
+        let kill = KillSandbox {
+            provider: self.provider.clone(),
+            run_id: id,
+            sandbox,
+        };
+        match tracing::Instrument::instrument(self.router.send(kill), span).await {
+            Ok(Ok(())) => tracing::info!(run_id = %id, "sandbox removed"),
+            Ok(Err(err)) => {
+                tracing::warn!(run_id = %id, error = %err, "could not remove the sandbox")
+            }
+            Err(err) => tracing::warn!(run_id = %id, error = %err, "provider router unavailable"),
+        }
+    }
+
+    async fn finish(&self, last: FinalWrite) {
+        let id = self.id;
+        let store = &*self.store;
+        let FinalWrite {
+            mut record,
+            from,
+            billed_seconds,
+            done,
+        } = last;
+        match self
+            .router
+            .send(ProviderCost(record.provider.clone()))
+            .await
+        {
+            Ok(Some(rates)) => {
+                record.cost_estimate = rates.estimate(&record.resources, billed_seconds)
+            }
+            Ok(None) => {}
+            Err(err) => tracing::warn!(run_id = %id, error = %err, "no cost rates"),
+        }
+        if record.failure.is_some() {
+            record.evidence = Some(Evidence {
+                provider_logs: tail(store, id, LogSource::Provider, self.evidence_lines).await,
+                agent_logs: tail(store, id, LogSource::Agent, self.evidence_lines).await,
+            });
+        }
+        let event = EventKind::StateChanged {
+            from,
+            to: record.state,
+            failure: record.failure.clone(),
+        };
+        let last = RunWrite {
+            events: vec![event],
+            record: Some(record.clone()),
+            ..RunWrite::default()
+        };
+        if !self.write_or_step_down(last).await {
+            return;
+        }
+        if let Err(err) = store.revoke_tokens(id).await {
+            tracing::warn!(run_id = %id, error = %err, "could not revoke the run token");
+        }
+        if let Err(err) = store.close_logs(id).await {
+            tracing::warn!(run_id = %id, error = %err, "could not close the run's logs");
+        }
+        if let Err(err) = store.release_run(&self.lease).await {
+            tracing::warn!(run_id = %id, error = %err, "could not release the run's lease");
+        }
+        if let Err(err) = store.release_slot(&provider_slot(&self.provider), id).await {
+            tracing::warn!(run_id = %id, error = %err, "could not release the run's slot");
+        }
+        if let Err(err) = done.try_send(Finished(Box::new(record))) {
+            tracing::debug!(run_id = %id, error = %err, "run actor already gone");
+        }
+    }
+}
+
+/// What adopting a run recovered from the store.
+pub(crate) struct Adoption {
+    pub sandbox: Option<SandboxHandle>,
+    pub last_seq: u64,
+    /// Tool calls the run's history shows (their results, if any, were not kept).
+    pub seen_calls: HashSet<String>,
 }
 
 /// A tool call being executed.
@@ -263,6 +442,10 @@ struct Connection {
 
 pub struct RunActor {
     id: RunId,
+    /// This replica's ownership of the run; the writer's writes carry its fence.
+    lease: Lease,
+    /// Taken over from another replica (rather than created here).
+    adopted: bool,
     record: RunRecord,
     spec: RunSpec,
     phase: Phase,
@@ -299,8 +482,27 @@ fn maybe_oom_killed(code: Option<i32>, signal: Option<i32>) -> bool {
 }
 
 impl RunActor {
-    /// Starts the actor for a new run and registers it.
-    pub fn launch(spec: RunSpec, deps: RunDeps) -> Addr<RunActor> {
+    /// Starts the actor for a new run this replica claimed, and registers it.
+    pub fn launch(spec: RunSpec, lease: Lease, deps: RunDeps) -> Addr<RunActor> {
+        Self::start_actor(spec, lease, deps, None)
+    }
+
+    /// Starts the actor of a run adopted from another replica, in the state stored for it.
+    pub(crate) fn resume(
+        spec: RunSpec,
+        lease: Lease,
+        deps: RunDeps,
+        adopted: Adoption,
+    ) -> Addr<RunActor> {
+        Self::start_actor(spec, lease, deps, Some(adopted))
+    }
+
+    fn start_actor(
+        spec: RunSpec,
+        lease: Lease,
+        deps: RunDeps,
+        adopted: Option<Adoption>,
+    ) -> Addr<RunActor> {
         let id = spec.record.id;
         let registry = deps.registry.clone();
         let ttl = spec
@@ -312,38 +514,72 @@ impl RunActor {
             has_ttl: ttl.is_some(),
             timeout_grace_s: deps.settings.timeouts.stop_grace.as_secs(),
         };
-        let (writes, rx) = tokio::sync::mpsc::channel(WRITE_QUEUE);
-        actix_rt::spawn(writer(
-            id,
-            rx,
-            deps.store.clone(),
-            deps.router.clone(),
-            deps.settings.evidence_lines,
-        ));
-        let actor = RunActor {
-            id,
-            writes,
-            record: spec.record.clone(),
-            spec,
-            phase: Phase::default(),
-            deps,
-            limits,
-            timers: HashMap::new(),
-            sandbox: None,
-            connection: None,
-            last_seq: 0,
-            agent_started: false,
-            in_flight: HashMap::new(),
-            answered: HashMap::new(),
-            answered_order: VecDeque::new(),
-            seen_calls: HashSet::new(),
-            held_exit: None,
-            waiting_span: None,
-            ending_span: None,
-        };
-        let addr = actor.start();
+        let addr = RunActor::create(move |ctx| {
+            let (writes, rx) = tokio::sync::mpsc::channel(WRITE_QUEUE);
+            actix_rt::spawn(writer(
+                Writer {
+                    id,
+                    lease: lease.clone(),
+                    provider: spec.record.provider.clone(),
+                    store: deps.store.clone(),
+                    router: deps.router.clone(),
+                    evidence_lines: deps.settings.evidence_lines,
+                    actor: ctx.address().recipient(),
+                },
+                rx,
+            ));
+            let mut actor = RunActor {
+                id,
+                lease,
+                adopted: adopted.is_some(),
+                writes,
+                record: spec.record.clone(),
+                spec,
+                phase: Phase::default(),
+                deps,
+                limits,
+                timers: HashMap::new(),
+                sandbox: None,
+                connection: None,
+                last_seq: 0,
+                agent_started: false,
+                in_flight: HashMap::new(),
+                answered: HashMap::new(),
+                answered_order: VecDeque::new(),
+                seen_calls: HashSet::new(),
+                held_exit: None,
+                waiting_span: None,
+                ending_span: None,
+            };
+            if let Some(adopted) = adopted {
+                actor.take_over(adopted);
+            }
+            actor
+        });
         registry.insert(id, addr.clone());
         addr
+    }
+
+    /// Rebuilds the lifecycle from what the store holds about an adopted run.
+    fn take_over(&mut self, adopted: Adoption) {
+        let record = &self.record;
+        let state = record.state;
+        self.phase = Phase {
+            state,
+            ending: (state == RunState::Stopping).then(|| Ending::Stop {
+                grace_s: self.deps.settings.timeouts.stop_grace.as_secs(),
+            }),
+            // Whatever was spawned is removed when the run ends (looked up if not known).
+            sandbox: state != RunState::Pending,
+            connected: false,
+            exit_code: record.exit_code,
+            failure: None,
+            termination: None,
+        };
+        self.sandbox = adopted.sandbox;
+        self.last_seq = adopted.last_seq;
+        self.agent_started = matches!(state, RunState::Running | RunState::Stopping);
+        self.seen_calls = adopted.seen_calls;
     }
 
     fn timeouts(&self) -> RunTimeouts {
@@ -352,15 +588,27 @@ impl RunActor {
 
     fn timer_duration(&self, timer: Timer) -> Duration {
         let t = self.timeouts();
+        // An adopted run's startup and time to live count from its creation, not from now.
+        let since_creation = |limit: Duration| {
+            if self.adopted {
+                let elapsed = (Utc::now() - self.record.created_at)
+                    .to_std()
+                    .unwrap_or_default();
+                limit.saturating_sub(elapsed)
+            } else {
+                limit
+            }
+        };
         match timer {
-            Timer::Startup => t.startup,
+            Timer::Startup => since_creation(t.startup),
             Timer::Idle => t.idle,
-            Timer::Ttl => self
-                .record
-                .timeout_s
-                .map(Duration::from_secs)
-                .or(t.run_ttl)
-                .unwrap_or(Duration::MAX),
+            Timer::Ttl => since_creation(
+                self.record
+                    .timeout_s
+                    .map(Duration::from_secs)
+                    .or(t.run_ttl)
+                    .unwrap_or(Duration::MAX),
+            ),
             Timer::Grace => Duration::from_secs(
                 self.phase
                     .ending
@@ -466,12 +714,18 @@ impl RunActor {
     }
 
     fn persist(&mut self, events: Vec<EventKind>, _: &mut Context<Self>) {
-        self.write(WriteOp::Events(events));
-        self.write(WriteOp::Record(Box::new(self.record.clone())));
+        self.write(WriteOp::Write(Box::new(RunWrite {
+            events,
+            record: Some(self.record.clone()),
+            ..RunWrite::default()
+        })));
     }
 
     fn record_events(&mut self, events: Vec<EventKind>, _: &mut Context<Self>) {
-        self.write(WriteOp::Events(events));
+        self.write(WriteOp::Write(Box::new(RunWrite {
+            events,
+            ..RunWrite::default()
+        })));
     }
 
     fn send(&self, message: ServerMessage) {
@@ -548,8 +802,22 @@ impl RunActor {
                         })?
                 }
                 .await;
-                if res.is_err() {
-                    tracing::Span::current().record("otel.status_code", "ERROR");
+                match &res {
+                    Ok(handle) => match serde_json::to_vec(handle) {
+                        // Another replica adopting the run finds its sandbox here.
+                        Ok(json) => {
+                            if let Err(err) = store.put_blob(&sandbox_blob_key(run_id), &json).await
+                            {
+                                tracing::warn!(run_id = %run_id, error = %err, "could not store the sandbox handle");
+                            }
+                        }
+                        Err(err) => {
+                            tracing::warn!(run_id = %run_id, error = %err, "could not encode the sandbox handle")
+                        }
+                    },
+                    Err(_) => {
+                        tracing::Span::current().record("otel.status_code", "ERROR");
+                    }
                 }
                 if let Err(err) = addr.send(SpawnDone(res.clone())).await {
                     tracing::debug!(run_id = %run_id, error = %err, "run gone before its sandbox came up");
@@ -581,7 +849,11 @@ impl RunActor {
                         total_bytes,
                     },
                 };
-                if writes.send(WriteOp::Events(vec![event])).await.is_err() {
+                let write = RunWrite {
+                    events: vec![event],
+                    ..RunWrite::default()
+                };
+                if writes.send(WriteOp::Write(Box::new(write))).await.is_err() {
                     return;
                 }
             }
@@ -607,7 +879,10 @@ impl RunActor {
                 sandbox,
             });
             ctx.spawn(read.into_actor(act).map(|res, act, _| match res {
-                Ok(Ok(Some(usage))) => act.record_usage(usage.cpu_pct, usage.memory_bytes),
+                Ok(Ok(Some(usage))) => {
+                    let write = act.record_usage(usage.cpu_pct, usage.memory_bytes);
+                    act.write(WriteOp::Write(Box::new(write)));
+                }
                 Ok(Ok(None)) => {}
                 Ok(Err(err)) => {
                     tracing::debug!(run_id = %act.id, error = %err, "usage unavailable")
@@ -617,7 +892,8 @@ impl RunActor {
         });
     }
 
-    fn record_usage(&mut self, cpu_pct: Option<f64>, memory_bytes: Option<u64>) {
+    /// Takes a usage reading into the record; returns the writes it needs.
+    fn record_usage(&mut self, cpu_pct: Option<f64>, memory_bytes: Option<u64>) -> RunWrite {
         let peak = self
             .record
             .usage
@@ -630,11 +906,14 @@ impl RunActor {
             peak_memory_bytes: peak,
             reported_at: Some(Utc::now()),
         };
-        self.write(WriteOp::Events(vec![EventKind::Usage {
-            cpu_pct,
-            memory_bytes,
-        }]));
-        self.write(WriteOp::Record(Box::new(self.record.clone())));
+        RunWrite {
+            events: vec![EventKind::Usage {
+                cpu_pct,
+                memory_bytes,
+            }],
+            record: Some(self.record.clone()),
+            ..RunWrite::default()
+        }
     }
 
     fn spawned(&mut self, res: Result<SandboxHandle, ProviderError>, ctx: &mut Context<Self>) {
@@ -699,6 +978,11 @@ impl RunActor {
                 tracing::warn!(run_id = %act.id, error = %err, "provider router unavailable");
             }
         }));
+        if self.adopted {
+            // The replica that spawned the sandbox stored its output so far; following it again
+            // from the start would repeat it.
+            return;
+        }
         let store = self.deps.store.clone();
         let id = self.id;
         actix_rt::spawn(async move {
@@ -765,19 +1049,13 @@ impl RunActor {
     }
 
     fn kill_sandbox(&mut self, _: &mut Context<Self>) {
-        let Some(handle) = self.sandbox.take() else {
+        let handle = self.sandbox.take();
+        if handle.is_none() && !self.adopted {
             return;
-        };
+        }
         // Queued before the final write, so a terminal run has no sandbox left.
         let span = tracing::info_span!(parent: &self.spec.span, "sandbox.cleanup");
-        self.write(WriteOp::Kill(
-            KillSandbox {
-                provider: self.record.provider.clone(),
-                run_id: self.id,
-                sandbox: handle,
-            },
-            span,
-        ));
+        self.write(WriteOp::Kill(handle, span));
     }
 
     /// The run reached a terminal state.
@@ -850,6 +1128,10 @@ impl RunActor {
         }
         self.last_seq = seq;
         let mut events = Vec::new();
+        let mut write = RunWrite {
+            seq: Some(seq),
+            ..RunWrite::default()
+        };
         let mut input = None;
         match message {
             ShimMessage::AgentEvent { payload, .. } => {
@@ -859,6 +1141,7 @@ impl RunActor {
                     AgentEventPayload::Message { text } => EventKind::AgentMessage { text },
                     AgentEventPayload::Done { result } => {
                         self.record.result = Some(result.clone());
+                        write.record = Some(self.record.clone());
                         EventKind::AgentDone { result }
                     }
                     AgentEventPayload::StopForwarded { grace_s } => {
@@ -886,10 +1169,10 @@ impl RunActor {
                     ShimLogStream::Stderr => "stderr",
                     ShimLogStream::Shim => "shim",
                 };
-                self.write(WriteOp::Logs(vec![(stream.to_string(), line)]));
+                write.agent_logs.push((stream.to_string(), line));
             }
             ShimMessage::Usage { usage, .. } => {
-                self.record_usage(usage.cpu_pct, usage.memory_bytes);
+                write.merge(self.record_usage(usage.cpu_pct, usage.memory_bytes));
             }
             ShimMessage::Exited { code, signal, .. } => {
                 events.push(EventKind::AgentExited { code, signal });
@@ -911,9 +1194,10 @@ impl RunActor {
             }
             ShimMessage::Hello { .. } | ShimMessage::Heartbeat { .. } => {}
         }
-        if !events.is_empty() {
-            self.record_events(events, ctx);
-        }
+        // The frame's writes carry its sequence number, so an adopting replica resumes after it.
+        events.append(&mut write.events);
+        write.events = events;
+        self.write(WriteOp::Write(Box::new(write)));
         // The ack goes out once what came before it is stored (the writer keeps order).
         if let Some(conn) = &self.connection {
             self.write(WriteOp::Ack {
@@ -1118,11 +1402,17 @@ impl Actor for RunActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         // Mailbox sized for bursts of frames from a chatty shim.
         ctx.set_mailbox_capacity(4096);
-        self.apply(Input::Start, ctx);
+        if self.adopted {
+            tracing::info!(run_id = %self.id, state = %self.phase.state, fence = self.lease.fence, "run adopted");
+            self.apply(Input::Adopted, ctx);
+            self.check_commands(ctx);
+        } else {
+            self.apply(Input::Start, ctx);
+        }
     }
 
-    fn stopped(&mut self, _: &mut Context<Self>) {
-        self.deps.registry.remove(self.id);
+    fn stopped(&mut self, ctx: &mut Context<Self>) {
+        self.deps.registry.remove(self.id, &ctx.address());
         tracing::debug!(run_id = %self.id, state = %self.phase.state, "run actor stopped");
     }
 }
@@ -1135,30 +1425,94 @@ impl Handler<Finished> for RunActor {
     }
 }
 
-impl Handler<StopRun> for RunActor {
-    type Result = ();
-    fn handle(&mut self, msg: StopRun, ctx: &mut Context<Self>) {
+impl RunActor {
+    fn stop_run(&mut self, grace_s: Option<u64>, ctx: &mut Context<Self>) {
         if self.phase.state.is_terminal() || self.phase.state == RunState::Stopping {
             return;
         }
-        let grace_s = msg.grace_s.unwrap_or(self.timeouts().stop_grace.as_secs());
+        let grace_s = grace_s.unwrap_or(self.timeouts().stop_grace.as_secs());
         self.ending_span = Some(tracing::info_span!(parent: &self.spec.span, "run.stop", grace_s));
         self.record_events(vec![EventKind::StopRequested { grace_s }], ctx);
         self.apply(Input::Stop { grace_s }, ctx);
+    }
+
+    fn kill_run(&mut self, reason: String, ctx: &mut Context<Self>) {
+        if self.phase.state.is_terminal() {
+            return;
+        }
+        self.ending_span = Some(tracing::info_span!(parent: &self.spec.span, "run.kill"));
+        self.record_events(vec![EventKind::KillRequested { reason }], ctx);
+        self.apply(Input::Kill, ctx);
+    }
+
+    /// Takes the commands other replicas queued for this run and carries them out.
+    fn check_commands(&mut self, ctx: &mut Context<Self>) {
+        let store = self.deps.store.clone();
+        let id = self.id;
+        let take = async move { store.take_commands(id).await };
+        ctx.spawn(take.into_actor(self).map(|res, act, ctx| match res {
+            Ok(commands) => {
+                for command in commands {
+                    tracing::info!(run_id = %act.id, ?command, "command from another replica");
+                    match command {
+                        RunCommand::Stop { grace_s } => act.stop_run(grace_s, ctx),
+                        RunCommand::Kill { reason } => act.kill_run(
+                            reason.unwrap_or_else(|| "kill requested through the API".into()),
+                            ctx,
+                        ),
+                    }
+                }
+            }
+            Err(err) => {
+                tracing::warn!(run_id = %act.id, error = %err, "could not take the run's commands")
+            }
+        }));
+    }
+}
+
+impl Handler<StopRun> for RunActor {
+    type Result = ();
+    fn handle(&mut self, msg: StopRun, ctx: &mut Context<Self>) {
+        self.stop_run(msg.grace_s, ctx);
     }
 }
 
 impl Handler<KillRun> for RunActor {
     type Result = ();
     fn handle(&mut self, msg: KillRun, ctx: &mut Context<Self>) {
-        if self.phase.state.is_terminal() {
-            return;
-        }
-        self.ending_span = Some(tracing::info_span!(parent: &self.spec.span, "run.kill"));
-        self.record_events(vec![EventKind::KillRequested { reason: msg.reason }], ctx);
-        self.apply(Input::Kill, ctx);
+        self.kill_run(msg.reason, ctx);
     }
 }
+
+impl Handler<CheckCommands> for RunActor {
+    type Result = ();
+    fn handle(&mut self, _: CheckCommands, ctx: &mut Context<Self>) {
+        self.check_commands(ctx);
+    }
+}
+
+impl Handler<Superseded> for RunActor {
+    type Result = ();
+    fn handle(&mut self, msg: Superseded, ctx: &mut Context<Self>) {
+        tracing::info!(run_id = %self.id, by = ?msg.by, fence = self.lease.fence, "another replica drives the run now; stepping down");
+        for (_, handle) in self.timers.drain() {
+            ctx.cancel_future(handle);
+        }
+        if let Some(conn) = self.connection.take() {
+            // The shim reconnects (through the load balancer) and resumes where it was acked.
+            if let Err(err) = conn.conn.try_send(ToShim::Close {
+                code: CLOSE_RUN_MOVED,
+                reason: "the run moved to another control-plane replica; reconnect".into(),
+            }) {
+                tracing::debug!(run_id = %self.id, error = %err, "connection already gone");
+            }
+        }
+        ctx.stop();
+    }
+}
+
+/// Close code telling a shim its run is driven by another replica now (it reconnects).
+pub const CLOSE_RUN_MOVED: u16 = 4001;
 
 impl Handler<ShimHello> for RunActor {
     type Result = Result<(), TokenError>;

@@ -46,3 +46,15 @@ pub struct ShimGone {
     pub conn_id: u64,
     pub reason: String,
 }
+
+/// Commands for the run wait in the store's queue: take and carry them out.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CheckCommands;
+
+/// Another replica owns the run now: stop driving it, without writing anything.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Superseded {
+    pub by: Option<String>,
+}

@@ -1,5 +1,10 @@
 pub mod actor;
+pub mod adopt;
 pub mod messages;
 pub mod state;
 
-pub use actor::{RunActor, RunDeps, RunRegistry, RunSettings, RunSpec, RunTimeouts};
+pub use actor::{
+    detached_adopt_span, provider_slot, sandbox_blob_key, AdoptSpan, RunActor, RunDeps,
+    RunRegistry, RunSettings, RunSpec, RunTimeouts, StoredSpec, CLOSE_RUN_MOVED,
+};
+pub use adopt::{adopt, AdoptError};

@@ -39,6 +39,9 @@ impl Ending {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
     Start,
+    /// This replica took the run over from another (which stopped or lost the lease): the phase
+    /// was rebuilt from the stored record and nothing is connected yet.
+    Adopted,
     Spawned,
     SpawnFailed(Failure),
     ShimConnected,
@@ -216,6 +219,20 @@ pub fn transition(phase: &Phase, input: Input, limits: Limits) -> Outcome {
             }
             let mut p = p;
             p.state = Provisioning;
+            stay(p, actions)
+        }
+        (Pending, Input::Adopted) => transition(&p, Input::Start, limits),
+        (Provisioning | Starting | Running | Stopping, Input::Adopted) => {
+            let mut p = p;
+            p.connected = false;
+            let mut actions = match p.state {
+                Provisioning | Starting => vec![Action::Arm(Timer::Startup)],
+                Running => vec![Action::Arm(Timer::Reconnect), Action::Arm(Timer::Idle)],
+                _ => vec![Action::Arm(Timer::Reconnect), Action::Arm(Timer::Grace)],
+            };
+            if limits.has_ttl {
+                actions.push(Action::Arm(Timer::Ttl));
+            }
             stay(p, actions)
         }
         (Provisioning, Input::Spawned) => {
@@ -412,6 +429,85 @@ pub fn transition(phase: &Phase, input: Input, limits: Limits) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_adopted_run_waits_for_its_shim_under_its_own_timers() {
+        let limits = Limits {
+            has_ttl: true,
+            timeout_grace_s: 5,
+        };
+        let running = Phase {
+            state: RunState::Running,
+            sandbox: true,
+            connected: true,
+            ..Phase::default()
+        };
+        let out = transition(&running, Input::Adopted, limits);
+        assert_eq!(out.phase.state, RunState::Running);
+        assert!(
+            !out.phase.connected,
+            "nothing is connected to the adopter yet"
+        );
+        assert_eq!(
+            out.actions,
+            vec![
+                Action::Arm(Timer::Reconnect),
+                Action::Arm(Timer::Idle),
+                Action::Arm(Timer::Ttl)
+            ]
+        );
+        // No shim comes back: connection_lost, and the sandbox is removed.
+        let lost = transition(&out.phase, Input::TimerFired(Timer::Reconnect), limits);
+        assert_eq!(lost.phase.state, RunState::Failed);
+        assert_eq!(
+            lost.phase.failure.map(|f| f.kind),
+            Some(FailureKind::ConnectionLost)
+        );
+        assert!(lost.actions.contains(&Action::KillSandbox));
+        // The shim reconnects to the adopter: running again.
+        let back = transition(&out.phase, Input::ShimConnected, limits);
+        assert!(back.phase.connected);
+        assert_eq!(back.actions, vec![Action::Cancel(Timer::Reconnect)]);
+
+        let starting = Phase {
+            state: RunState::Starting,
+            sandbox: true,
+            ..Phase::default()
+        };
+        let out = transition(
+            &starting,
+            Input::Adopted,
+            Limits {
+                has_ttl: false,
+                ..limits
+            },
+        );
+        assert_eq!(out.actions, vec![Action::Arm(Timer::Startup)]);
+        let stopping = Phase {
+            state: RunState::Stopping,
+            ending: Some(Ending::Stop { grace_s: 3 }),
+            sandbox: true,
+            ..Phase::default()
+        };
+        let out = transition(
+            &stopping,
+            Input::Adopted,
+            Limits {
+                has_ttl: false,
+                ..limits
+            },
+        );
+        assert_eq!(
+            out.actions,
+            vec![Action::Arm(Timer::Reconnect), Action::Arm(Timer::Grace)]
+        );
+        let pending = transition(&Phase::default(), Input::Adopted, limits);
+        assert_eq!(pending.phase.state, RunState::Provisioning);
+        assert!(
+            pending.actions.contains(&Action::Spawn),
+            "a run never spawned is spawned"
+        );
+    }
 
     const LIMITS: Limits = Limits {
         has_ttl: true,

@@ -17,8 +17,9 @@ use tokio::sync::mpsc;
 use crate::model::RunId;
 use crate::run::actor::check_protocol_version;
 use crate::run::messages::{ShimFrame, ShimGone, ShimHello};
-use crate::run::{RunActor, RunRegistry};
+use crate::run::{adopt, AdoptError, RunActor, RunDeps, RunRegistry};
 use crate::store::RunStore;
+use crate::store::{Claim, StoreError};
 use crate::token::{self, TokenError};
 use messages::ToShim;
 
@@ -39,6 +40,8 @@ enum Outbound {
 pub struct ConnectionDeps {
     pub store: Arc<dyn RunStore>,
     pub registry: RunRegistry,
+    /// For taking over a run whose shim connects here while another replica drives it.
+    pub run_deps: RunDeps,
     /// A shim silent for this long (no frame, no heartbeat) is disconnected.
     pub silence_limit: Duration,
 }
@@ -180,13 +183,27 @@ impl SandboxConnection {
                 self.stage = Stage::Checking;
                 let store = self.deps.store.clone();
                 let registry = self.deps.registry.clone();
+                let run_deps = self.deps.run_deps.clone();
                 let secret = std::mem::take(&mut self.token);
                 let conn_id = self.id;
                 let recipient = ctx.address().recipient();
                 ctx.wait(
                     async move {
                         token::verify(&*store, &secret, run_id).await?;
-                        let run = registry.get(run_id).ok_or(TokenError::RunEnded { run_id })?;
+                        let run = match registry.get(run_id) {
+                            Some(run) => run,
+                            // Driven elsewhere (or by nobody): the run moves to this replica.
+                            None => match adopt(run_id, &run_deps, Claim::Takeover).await {
+                                Ok(Some(run)) => run,
+                                Ok(None) => return Err(TokenError::RunEnded { run_id }),
+                                Err(AdoptError::Store(err)) => return Err(TokenError::Store(err)),
+                                Err(err) => {
+                                    return Err(TokenError::Store(StoreError::Backend {
+                                        message: err.to_string(),
+                                    }))
+                                }
+                            },
+                        };
                         run.send(ShimHello {
                             conn_id,
                             conn: recipient,
@@ -201,6 +218,11 @@ impl SandboxConnection {
                     .into_actor(self)
                     .map(move |res, act, ctx| match res {
                         Ok(run) => act.stage = Stage::Attached { run_id, run },
+                        Err(TokenError::Store(err)) => {
+                            // Not the shim's fault: it reconnects and tries again.
+                            tracing::warn!(conn = act.id, run_id = %run_id, error = %err, "shim turned away for now");
+                            act.close(1013, format!("control plane cannot serve the run right now: {err}; reconnect"), ctx);
+                        }
                         Err(err) => {
                             tracing::warn!(conn = act.id, run_id = %run_id, error = %err, "shim refused");
                             act.close(CLOSE_POLICY_VIOLATION, err.to_string(), ctx);

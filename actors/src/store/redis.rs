@@ -1546,7 +1546,7 @@ impl RunStore for RedisStore {
                     }
                     Err(err) => {
                         failures += 1;
-                        if failures == 1 || failures % 30 == 0 {
+                        if failures == 1 || failures.is_multiple_of(30) {
                             tracing::warn!(error = %err, "cannot subscribe to notices; retrying");
                         }
                     }

@@ -292,6 +292,9 @@ pub struct Timeouts {
     pub heartbeat_interval_ms: u64,
     /// Upper bound on a run token's life, even for a run still going.
     pub token_max_lifetime_s: u64,
+    /// How long a replica's heartbeat keeps its runs its own; past it, other replicas adopt
+    /// them.
+    pub replica_lease_ms: u64,
 }
 
 impl Default for Timeouts {
@@ -305,6 +308,7 @@ impl Default for Timeouts {
             lost_after_s: 60,
             heartbeat_interval_ms: 5000,
             token_max_lifetime_s: 86_400,
+            replica_lease_ms: 5000,
         }
     }
 }
@@ -333,6 +337,9 @@ impl Timeouts {
     }
     pub fn token_max_lifetime(&self) -> Duration {
         Duration::from_secs(self.token_max_lifetime_s)
+    }
+    pub fn replica_lease(&self) -> Duration {
+        Duration::from_millis(self.replica_lease_ms)
     }
 
     fn read(mut fields: Fields<'_>) -> Result<Timeouts, ConfigError> {
@@ -369,6 +376,13 @@ impl Timeouts {
                 "token_max_lifetime_s",
                 defaults.token_max_lifetime_s,
             )?,
+            replica_lease_ms: match fields.optional::<u64>("replica_lease_ms")? {
+                Some(ms) if ms < 300 => {
+                    return Err(fields.invalid("replica_lease_ms", "must be at least 300"))
+                }
+                Some(ms) => ms,
+                None => defaults.replica_lease_ms,
+            },
         };
         fields.finish()?;
         Ok(timeouts)

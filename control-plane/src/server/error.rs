@@ -17,6 +17,8 @@ pub enum ErrorCode {
     UnknownAgent,
     UnknownProvider,
     IdempotencyConflict,
+    /// A concurrency limit (`max_concurrent_runs`) is reached.
+    LimitReached,
     StoreUnavailable,
     ProviderUnavailable,
     Internal,
@@ -32,6 +34,7 @@ impl ErrorCode {
             ErrorCode::UnknownAgent => "unknown_agent",
             ErrorCode::UnknownProvider => "unknown_provider",
             ErrorCode::IdempotencyConflict => "idempotency_conflict",
+            ErrorCode::LimitReached => "limit_reached",
             ErrorCode::StoreUnavailable => "store_unavailable",
             ErrorCode::ProviderUnavailable => "provider_unavailable",
             ErrorCode::Internal => "internal",
@@ -48,6 +51,7 @@ impl ErrorCode {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             ErrorCode::IdempotencyConflict => StatusCode::CONFLICT,
+            ErrorCode::LimitReached => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::StoreUnavailable | ErrorCode::ProviderUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -134,6 +138,7 @@ mod tests {
             ErrorCode::UnknownAgent,
             ErrorCode::UnknownProvider,
             ErrorCode::IdempotencyConflict,
+            ErrorCode::LimitReached,
             ErrorCode::StoreUnavailable,
             ErrorCode::ProviderUnavailable,
             ErrorCode::Internal,

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use actix::Actor;
 use actix_web::{web, App, HttpServer};
+use actors::cluster::{ClusterStats, ReplicaKeeper};
 use actors::provider::docker::{CallbackRoute, DockerProvider, DockerSettings};
 use actors::provider::local::{
     default_shim_path, LocalConfig as LocalProviderConfig, LocalProvider,
@@ -340,12 +341,14 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
     let timeouts = options
         .run_timeouts
         .unwrap_or_else(|| to_run_timeouts(&config));
+    // Unique per process, also when a restarted container reuses its host name and pid.
     let replica_id = format!(
-        "{}-{}",
+        "{}-{}-{:08x}",
         std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "replica".into()),
-        std::process::id()
+        std::process::id(),
+        rand::random::<u32>()
     );
     let run_deps = RunDeps {
         store: store.clone(),
@@ -358,8 +361,17 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
             cluster_id: config.cluster_id.clone(),
             evidence_lines: 50,
             usage_interval: Duration::from_secs(10),
+            replica_id: replica_id.clone(),
         }),
+        adopt_span: crate::telemetry::adopted_run_span,
     };
+    let cluster_stats = Arc::new(ClusterStats::default());
+    ReplicaKeeper::new(
+        run_deps.clone(),
+        config.timeouts.replica_lease(),
+        cluster_stats.clone(),
+    )
+    .start();
     let reconciler = Reconciler::new(
         router.clone(),
         store.clone(),
@@ -378,6 +390,7 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
         run_deps,
         callback_url: callback_url.clone(),
         replica_id,
+        cluster_stats,
         bundles: Mutex::new(HashMap::new()),
         api_tokens,
     });

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use actix::Addr;
+use actors::cluster::ClusterStats;
 use actors::router::ProviderRouter;
 use actors::run::{RunDeps, RunRegistry};
 use actors::store::RunStore;
@@ -23,6 +24,8 @@ pub struct AppState {
     pub callback_url: String,
     /// This replica's name, recorded as the owner of the runs it starts.
     pub replica_id: String,
+    /// What this replica's keeper did (adoptions, routed commands), for `/metrics`.
+    pub cluster_stats: Arc<ClusterStats>,
     /// Bundles by SHA-256 (content addressed, so one copy per distinct agent directory).
     pub bundles: Mutex<HashMap<String, Arc<Bundle>>>,
     /// API bearer tokens; empty means the API is open (loopback binds only).

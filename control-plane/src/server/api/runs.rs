@@ -2,11 +2,14 @@
 
 use std::collections::BTreeMap;
 
+use super::sandbox::bundle_blob_key;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actors::model::{LogSource, Resources, RunId, RunRecord, RunState, Usage};
-use actors::run::messages::{KillRun, StopRun};
+use actors::run::messages::{CheckCommands, KillRun, StopRun};
+use actors::run::{adopt, provider_slot, AdoptError, StoredSpec};
 use actors::run::{RunActor, RunSpec};
+use actors::store::{Admission, Claim, ClaimOutcome, RunCommand};
 use actors::store::{CreateOutcome, RunFilter};
 use agent_shim::protocol::BundleInfo;
 use bytes::Bytes;
@@ -310,7 +313,17 @@ pub async fn create_run(
         .await
         .map_err(|err| ApiError::internal(format!("bundle building failed: {err}")))?
         .map_err(|err| ApiError::invalid(format!("agent: bundle could not be built: {err}")))?;
-    let bundle = state.keep_bundle(bundle);
+    // Every replica may be asked for it (the shim calls back through the load balancer).
+    let bundle = match state.bundle(&bundle.sha256) {
+        Some(kept) => kept,
+        None => {
+            state
+                .store
+                .put_blob(&bundle_blob_key(&bundle.sha256), &bundle.bytes)
+                .await?;
+            state.keep_bundle(bundle)
+        }
+    };
 
     let (trace_id, traceparent) = trace_context(&run_span);
     let mut env = manifest.env.clone();
@@ -339,9 +352,39 @@ pub async fn create_run(
         evidence: None,
         env_names: env.keys().cloned().collect(),
     };
-    match state.store.create_run(&record, key.as_deref()).await? {
-        CreateOutcome::Existing(existing) => return replay(*existing),
-        CreateOutcome::Created => {}
+    // Admission against the provider's limit, counted across all replicas.
+    let slot = provider_slot(&record.provider);
+    let limited = provider.max_concurrent_runs;
+    if let Some(limit) = limited {
+        if let Admission::Full { in_use } = state.store.acquire_slot(&slot, limit, id).await? {
+            return Err(ApiError::new(
+                ErrorCode::LimitReached,
+                format!(
+                    "execution: provider '{}' is at its max_concurrent_runs limit of {limit} ({in_use} runs active); retry later",
+                    record.provider
+                ),
+            ));
+        }
+    }
+    let release_slot = || async {
+        if limited.is_some() {
+            if let Err(err) = state.store.release_slot(&slot, id).await {
+                tracing::warn!(run_id = %id, error = %err, "could not release a concurrency slot");
+            }
+        }
+    };
+    match state.store.create_run(&record, key.as_deref()).await {
+        Ok(CreateOutcome::Created) => {}
+        Ok(CreateOutcome::Existing(existing)) => {
+            if existing.id != id {
+                release_slot().await;
+            }
+            return replay(*existing);
+        }
+        Err(err) => {
+            release_slot().await;
+            return Err(err.into());
+        }
     }
     let bundle_info = BundleInfo {
         // A path: each sandbox resolves it against its own callback URL.
@@ -349,6 +392,31 @@ pub async fn create_run(
         sha256: bundle.sha256.clone(),
         size: bundle.size(),
         command: manifest.command.clone(),
+    };
+    // What another replica needs to take the run over.
+    let stored = StoredSpec {
+        image: manifest.image.clone(),
+        bundle: bundle_info.clone(),
+        env: env.clone(),
+        traceparent: traceparent.clone(),
+    };
+    let stored = serde_json::to_vec(&stored)
+        .map_err(|err| ApiError::internal(format!("could not encode the run spec: {err}")))?;
+    state
+        .store
+        .put_blob(&StoredSpec::blob_key(id), &stored)
+        .await?;
+    let lease = match state
+        .store
+        .claim_run(id, &state.replica_id, Claim::IfOrphaned)
+        .await?
+    {
+        ClaimOutcome::Claimed { lease, .. } => lease,
+        ClaimOutcome::Held { owner } => {
+            return Err(ApiError::internal(format!(
+                "run {id} was claimed by replica {owner} as it was created"
+            )))
+        }
     };
     tracing::info!(run_id = %id, agent = %record.agent, provider = %record.provider, "run created");
     RunActor::launch(
@@ -360,6 +428,7 @@ pub async fn create_run(
             traceparent,
             span: run_span,
         },
+        lease,
         state.run_deps.clone(),
     );
     Ok(HttpResponse::Created()
@@ -438,6 +507,8 @@ pub async fn stop_run(
             run.send(StopRun { grace_s })
                 .await
                 .map_err(|err| ApiError::internal(format!("run {id} is not reachable: {err}")))?;
+        } else {
+            route_command(&state, id, RunCommand::Stop { grace_s }).await?;
         }
     }
     Ok(HttpResponse::Accepted().json(load_run(&state, id).await?))
@@ -462,9 +533,36 @@ pub async fn kill_run(
             })
             .await
             .map_err(|err| ApiError::internal(format!("run {id} is not reachable: {err}")))?;
+        } else {
+            let command = RunCommand::Kill {
+                reason: Some("kill requested through the API".into()),
+            };
+            route_command(&state, id, command).await?;
         }
     }
     Ok(HttpResponse::Accepted().json(load_run(&state, id).await?))
+}
+
+/// A command for a run another replica drives: queued in the store for its owner, who is
+/// notified. When no live replica owns the run, this one adopts it, commands included.
+async fn route_command(state: &AppState, id: RunId, command: RunCommand) -> Result<(), ApiError> {
+    match state.store.push_command(id, &command).await? {
+        Some(owner) => {
+            tracing::info!(run_id = %id, owner, ?command, "command queued for the run's owner");
+            Ok(())
+        }
+        None => match adopt(id, &state.run_deps, Claim::IfOrphaned).await {
+            Ok(Some(run)) => {
+                // It takes its queued commands when it starts; asking again is harmless.
+                run.do_send(CheckCommands);
+                Ok(())
+            }
+            // Ended meanwhile, or just taken by a replica that will find the command queued.
+            Ok(None) | Err(AdoptError::Held { .. }) => Ok(()),
+            Err(AdoptError::Store(err)) => Err(err.into()),
+            Err(err) => Err(ApiError::internal(err.to_string())),
+        },
+    }
 }
 
 fn last_event_id(req: &HttpRequest) -> Result<Option<u64>, ApiError> {

@@ -27,6 +27,7 @@ pub async fn connect(
         ConnectionDeps {
             store: state.store.clone(),
             registry: state.registry.clone(),
+            run_deps: state.run_deps.clone(),
             silence_limit: timeouts.heartbeat_interval * 3,
         },
     );
@@ -53,14 +54,28 @@ pub async fn bundle(
     token::verify(&*state.store, secret, id)
         .await
         .map_err(token_error)?;
-    let bundle = state.bundle(&sha).ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::NotFound,
-            format!("no bundle {sha} on this control plane"),
-        )
-    })?;
+    // Built here, or by the replica that created the run (kept in the store for every replica).
+    let bytes = match state.bundle(&sha) {
+        Some(bundle) => bundle.bytes.clone(),
+        None => state
+            .store
+            .get_blob(&bundle_blob_key(&sha))
+            .await?
+            .map(bytes::Bytes::from)
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::NotFound,
+                    format!("no bundle {sha} in this cluster"),
+                )
+            })?,
+    };
     Ok(HttpResponse::Ok()
         .insert_header((header::CONTENT_TYPE, "application/gzip"))
         .insert_header((header::CACHE_CONTROL, "no-store"))
-        .body(bundle.bytes.clone()))
+        .body(bytes))
+}
+
+/// Store key of an agent bundle, by its SHA-256.
+pub fn bundle_blob_key(sha256: &str) -> String {
+    format!("bundle:{sha256}")
 }
