@@ -396,6 +396,11 @@ impl Writer {
             record: Some(record.clone()),
             ..RunWrite::default()
         };
+        // The sandbox is gone (its removal was queued before this): its slot under the
+        // provider's concurrency limit is free before the run reads as ended.
+        if let Err(err) = store.release_slot(&provider_slot(&self.provider), id).await {
+            tracing::warn!(run_id = %id, error = %err, "could not release the run's slot");
+        }
         if !self.write_or_step_down(last).await {
             return;
         }
@@ -407,9 +412,6 @@ impl Writer {
         }
         if let Err(err) = store.release_run(&self.lease).await {
             tracing::warn!(run_id = %id, error = %err, "could not release the run's lease");
-        }
-        if let Err(err) = store.release_slot(&provider_slot(&self.provider), id).await {
-            tracing::warn!(run_id = %id, error = %err, "could not release the run's slot");
         }
         if let Err(err) = done.try_send(Finished(Box::new(record))) {
             tracing::debug!(run_id = %id, error = %err, "run actor already gone");

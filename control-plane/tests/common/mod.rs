@@ -2,6 +2,7 @@
 //! processes through the local provider, and an HTTP client with helpers.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod proxy;
 
 use std::collections::BTreeMap;

@@ -84,6 +84,40 @@ pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
             p.name, p.active_runs
         ));
     }
+    let stats = &state.cluster_stats;
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let counters = [
+        (
+            "codebolt_store_fenced_writes_total",
+            "Run writes the store refused because another replica holds a newer lease.",
+            state.store.fenced_writes(),
+        ),
+        (
+            "codebolt_runs_adopted_total",
+            "Runs this replica adopted from replicas whose heartbeat lapsed.",
+            load(&stats.adopted_orphans),
+        ),
+        (
+            "codebolt_runs_released_total",
+            "Runs this replica gave up because another replica took them over.",
+            load(&stats.released),
+        ),
+        (
+            "codebolt_commands_routed_total",
+            "Stop and kill commands from other replicas delivered to this replica's runs.",
+            load(&stats.commands_routed),
+        ),
+        (
+            "codebolt_heartbeat_failures_total",
+            "Replica heartbeats the store did not take.",
+            load(&stats.heartbeat_failures),
+        ),
+    ];
+    for (name, help, value) in counters {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
+        ));
+    }
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(out))

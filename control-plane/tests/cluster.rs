@@ -1,0 +1,467 @@
+//! Replicas as real `codebolt server` processes sharing one `redis-server`, behind the in-test
+//! load balancer that is their `public_url` (see `common/cluster.rs`): a run through a one-replica
+//! cluster, and the load balancer itself around dead and frozen replicas.
+
+mod common;
+
+use std::time::Duration;
+
+use actors::model::RunState;
+use actors::run::RunTimeouts;
+use common::cluster::{Cluster, ClusterSetup};
+use common::{fast_timeouts, kinds, Workspace};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Reads the README through one tool call, checks the result and finishes.
+const AGENT: &str = r#"
+read task
+printf '%s\n' '{"type":"message","text":"starting"}'
+printf '%s\n' '{"type":"tool_call","id":"c1","tool":"fs.read_file","args":{"path":"README.md"}}'
+read result
+case "$result" in *'"ok":true'*) ;; *) echo "bad result: $result" >&2; exit 9;; esac
+echo "plain output"
+printf '%s\n' '{"type":"done","result":"all good"}'
+"#;
+
+#[tokio::test]
+async fn a_run_through_a_one_replica_cluster_behind_the_load_balancer() {
+    let cluster = Cluster::start(
+        1,
+        Workspace::new().agent("good", AGENT),
+        ClusterSetup::default(),
+    )
+    .await;
+
+    let run = cluster.start_run_on(0, "good", "read the readme").await;
+    assert!(
+        cluster.replica(0).is_owner(&run.owner),
+        "replica 0 (pid {:?}) does not own the run it created: {}",
+        cluster.replica(0).pid(),
+        run.owner
+    );
+    let done = cluster.wait_terminal_on(0, run.id, WAIT).await;
+    assert_eq!(done.state, RunState::Succeeded, "{:?}", done.failure);
+    assert_eq!(done.result, Some(json!("all good")));
+
+    let events = cluster.events_on(0, run.id).await;
+    let names = kinds(&events);
+    for expected in ["shim_connected", "tool_call", "tool_result", "agent_done"] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "no {expected}: {names:?}"
+        );
+    }
+    assert_eq!(names.last().map(String::as_str), Some("state_changed"));
+    assert!(cluster
+        .logs_on(0, run.id, "agent")
+        .await
+        .contains(&"plain output".to_string()));
+    // The shim called back through the load balancer (its public_url), not straight to the
+    // replica: the tests' own requests above went straight to the replica.
+    assert!(
+        cluster.lb().connections_to(0) >= 1,
+        "the shim's connection did not go through the load balancer"
+    );
+}
+
+#[tokio::test]
+async fn the_load_balancer_skips_a_dead_backend() {
+    let mut cluster = Cluster::start(2, Workspace::new(), ClusterSetup::default()).await;
+    cluster.replica_mut(1).kill9();
+
+    for attempt in 1..=10 {
+        let (status, body) = cluster.lb_get("/healthz").await;
+        assert_eq!(
+            status, 200,
+            "GET /healthz #{attempt} through the load balancer: {body}"
+        );
+    }
+    let lb = cluster.lb();
+    assert_eq!(lb.connections_to(0), 10, "every request lands on replica 0");
+    assert_eq!(lb.connections_to(1), 0);
+    // Round-robin offered the dead replica every other connection, and it was skipped.
+    assert!(
+        lb.failed_connects_to(1) >= 4,
+        "replica 1 was tried {} times",
+        lb.failed_connects_to(1)
+    );
+}
+
+#[tokio::test]
+async fn a_frozen_backend_does_not_hold_up_other_connections() {
+    let cluster = Cluster::start(2, Workspace::new(), ClusterSetup::default()).await;
+    cluster.replica(1).sigstop();
+
+    // A request to the frozen replica: accepted by its kernel, answered by nobody.
+    cluster.lb().pin(Some(1));
+    let stalled = tokio::spawn(
+        cluster
+            .lb_http
+            .get(cluster.lb_url("/healthz"))
+            .timeout(WAIT)
+            .send(),
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while cluster.lb().open_connections_to(1) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the request never reached the frozen replica"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Meanwhile the load balancer keeps serving the other replica.
+    cluster.lb().pin(Some(0));
+    for attempt in 1..=10 {
+        let (status, body) = cluster.lb_get("/healthz").await;
+        assert_eq!(
+            status, 200,
+            "GET /healthz #{attempt} while replica 1 is frozen: {body}"
+        );
+    }
+    assert!(!stalled.is_finished(), "the frozen replica answered");
+
+    // Thawed, the frozen replica answers the request it held.
+    cluster.replica(1).sigcont();
+    let res = stalled
+        .await
+        .expect("request task")
+        .expect("the held request is answered after SIGCONT");
+    assert_eq!(res.status(), 200);
+}
+
+/// Runs until stopped: a message every 100 ms (a shell exits on the SIGTERM a stop forwards).
+const LONG: &str = r#"
+read task
+i=0
+while true; do
+  i=$((i+1))
+  printf '{"type":"message","text":"tick %s"}\n' "$i"
+  sleep 0.1
+done
+"#;
+
+/// Makes `CALLS` tool calls a little apart, calling again when a result says the call was lost
+/// (a replica died with it), then finishes with the number of calls made.
+const CALLER: &str = r#"
+read task
+n=0
+i=1
+while [ "$i" -le 25 ]; do
+  n=$((n+1))
+  printf '{"type":"tool_call","id":"c%s","tool":"fs.read_file","args":{"path":"README.md"}}\n' "$n"
+  read result
+  case "$result" in
+    *'"ok":true'*) i=$((i+1)) ;;
+    *retryable*) ;;
+    *) echo "bad result: $result" >&2; exit 9 ;;
+  esac
+  sleep 0.1
+done
+printf '{"type":"done","result":%s}\n' "$n"
+"#;
+
+/// Indices of a run's history are 1..=n with no gap or repeat, and no shim frame (tool call,
+/// message) is stored twice.
+fn assert_history_whole(events: &[actors::model::RunEvent]) {
+    let indices: Vec<u64> = events.iter().map(|e| e.index).collect();
+    let expected: Vec<u64> = (1..=events.len() as u64).collect();
+    assert_eq!(indices, expected, "event indices have gaps or repeats");
+    let mut seen = std::collections::HashSet::new();
+    for event in events {
+        let key = match &event.kind {
+            actors::model::EventKind::ToolCall { call_id, .. } => format!("call {call_id}"),
+            actors::model::EventKind::AgentMessage { text } => format!("message {text}"),
+            actors::model::EventKind::AgentDone { .. } => "done".to_string(),
+            _ => continue,
+        };
+        assert!(
+            seen.insert(key.clone()),
+            "{key} stored twice: {:?}",
+            kinds(events)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_run_spawned_through_a_is_stopped_through_c_while_its_shim_is_on_b() {
+    let cluster = Cluster::start(
+        3,
+        Workspace::new().agent("long", LONG),
+        ClusterSetup::default(),
+    )
+    .await;
+    // The shim's callback lands on replica 1, whatever replica created the run.
+    cluster.lb().pin(Some(1));
+    let run = cluster.start_run_on(0, "long", "tick").await;
+    assert!(cluster.replica(0).is_owner(&run.owner));
+    let running = cluster
+        .wait_for_on(
+            2,
+            run.id,
+            |r| r.state == RunState::Running && cluster.replica(1).is_owner(&r.owner),
+            WAIT,
+        )
+        .await;
+    // Running means the agent started from its bundle, fetched from replica 1, which did not
+    // build it.
+    assert_eq!(running.state, RunState::Running);
+
+    let (status, body) = cluster
+        .post_on(
+            2,
+            &format!("/v1/runs/{}/stop", run.id),
+            Some(json!({"grace_s": 5})),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let done = cluster.wait_terminal_on(0, run.id, WAIT).await;
+    assert_eq!(done.state, RunState::Stopped, "{:?}", done.failure);
+    assert_eq!(
+        done.termination,
+        Some(actors::model::Termination::StoppedGracefully)
+    );
+    let events = cluster.events_on(2, run.id).await;
+    let names = kinds(&events);
+    for expected in ["shim_connected", "stop_requested", "stop_forwarded"] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "no {expected}: {names:?}"
+        );
+    }
+    assert_history_whole(&events);
+}
+
+#[tokio::test]
+async fn killing_the_replica_that_holds_the_connections_moves_every_run_to_the_others() {
+    const RUNS: usize = 20;
+    let mut cluster = Cluster::start(
+        3,
+        Workspace::new().agent("caller", CALLER),
+        ClusterSetup::default(),
+    )
+    .await;
+    cluster.lb().pin(Some(1));
+    let mut ids = Vec::new();
+    for i in 0..RUNS {
+        ids.push(
+            cluster
+                .start_run_on(i % 3 % 2 * 2, "caller", "call")
+                .await
+                .id,
+        );
+    }
+    for id in &ids {
+        cluster
+            .wait_for_on(
+                0,
+                *id,
+                |r| r.state == RunState::Running && cluster.replica(1).is_owner(&r.owner),
+                WAIT,
+            )
+            .await;
+    }
+    // Mid-run: every shim is connected to replica 1, which now dies.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    cluster.lb().pin(None);
+    cluster.replica_mut(1).kill9();
+
+    for id in &ids {
+        let done = cluster
+            .wait_terminal_on(0, *id, Duration::from_secs(60))
+            .await;
+        assert_eq!(
+            done.state,
+            RunState::Succeeded,
+            "run {id}: {:?} (owner {})",
+            done.failure,
+            done.owner
+        );
+        assert!(
+            cluster.replica(0).is_owner(&done.owner) || cluster.replica(2).is_owner(&done.owner),
+            "run {id} ended on {}",
+            done.owner
+        );
+        let events = cluster.events_on(2, *id).await;
+        assert_history_whole(&events);
+        let names = kinds(&events);
+        let results = names.iter().filter(|n| *n == "tool_result").count();
+        let calls = names.iter().filter(|n| *n == "tool_call").count();
+        assert!(calls >= 25, "run {id}: {calls} calls: {names:?}");
+        // Every call stored has its result, except one lost with the replica at most.
+        assert!(
+            calls - results <= 1,
+            "run {id}: {calls} calls, {results} results"
+        );
+        assert!(
+            names.iter().filter(|n| *n == "shim_connected").count() >= 2,
+            "run {id} never reconnected: {names:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_stale_owner_thawed_after_its_lease_lapsed_has_its_writes_refused() {
+    let cluster = Cluster::start(
+        2,
+        Workspace::new().agent("long", LONG),
+        ClusterSetup {
+            // Longer than the shim takes to call a silent control plane dead (3 s at least).
+            timeouts: RunTimeouts {
+                lost_after: Duration::from_secs(8),
+                ..fast_timeouts()
+            },
+            ..ClusterSetup::default()
+        },
+    )
+    .await;
+    cluster.lb().pin(Some(0));
+    let run = cluster.start_run_on(0, "long", "tick").await;
+    cluster
+        .wait_state_on(0, run.id, RunState::Running, WAIT)
+        .await;
+
+    // Frozen past its lease: the shim gives up on it and reconnects to replica 1.
+    cluster.replica(0).sigstop();
+    cluster.lb().pin(Some(1));
+    let moved = cluster
+        .wait_for_on(1, run.id, |r| cluster.replica(1).is_owner(&r.owner), WAIT)
+        .await;
+    assert_eq!(
+        moved.state,
+        RunState::Running,
+        "{:?} {:?}",
+        moved.failure,
+        kinds(&cluster.events_on(1, run.id).await)
+    );
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let before = cluster.events_on(1, run.id).await;
+
+    // Thawed, replica 0 still believes it drives the run: whatever it writes is refused.
+    cluster.replica(0).sigcont();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        // A fresh connection: the pooled ones timed out while the replica was frozen.
+        let metrics = reqwest::Client::new()
+            .get(cluster.url_on(0, "/metrics"))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .expect("GET /metrics on replica 0")
+            .text()
+            .await
+            .expect("metrics text");
+        let refused = metric(&metrics, "codebolt_store_fenced_writes_total");
+        let released = metric(&metrics, "codebolt_runs_released_total");
+        if refused >= 1.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "replica 0 wrote nothing stale in time (refused {refused}, released {released})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let record = cluster.get_on(1, run.id).await;
+    assert_eq!(
+        record.state,
+        RunState::Running,
+        "the stale owner changed the run"
+    );
+    assert!(cluster.replica(1).is_owner(&record.owner));
+    let after = cluster.events_on(1, run.id).await;
+    assert_eq!(&after[..before.len()], &before[..], "history was rewritten");
+    assert_history_whole(&after);
+    let names = kinds(&after[before.len()..]);
+    assert!(
+        !names
+            .iter()
+            .any(|n| n == "shim_disconnected" || n == "state_changed"),
+        "the stale owner's view leaked into the history: {names:?}"
+    );
+
+    let (status, body) = cluster
+        .post_on(0, &format!("/v1/runs/{}/kill", run.id), None)
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let done = cluster.wait_terminal_on(1, run.id, WAIT).await;
+    assert_eq!(done.state, RunState::Killed);
+}
+
+#[tokio::test]
+async fn fifty_creates_over_three_replicas_against_a_limit_of_ten_admit_exactly_ten() {
+    let cluster = Cluster::start(
+        3,
+        Workspace::new().agent("long", LONG),
+        ClusterSetup {
+            extra_providers: "    max_concurrent_runs: 10\n".into(),
+            ..ClusterSetup::default()
+        },
+    )
+    .await;
+    let creates = (0..50)
+        .map(|i| cluster.create_on(i % 3, json!({"agent": "long", "task": format!("t{i}")})));
+    let results = futures_util::future::join_all(creates).await;
+    let mut admitted = Vec::new();
+    for (status, body) in &results {
+        match status {
+            201 => admitted.push(
+                body["id"]
+                    .as_str()
+                    .expect("id")
+                    .parse::<uuid::Uuid>()
+                    .unwrap(),
+            ),
+            429 => {
+                assert_eq!(body["error"]["code"], "limit_reached", "{body}");
+                let message = body["error"]["message"].as_str().unwrap_or_default();
+                assert!(
+                    message.contains("max_concurrent_runs") && message.contains("10"),
+                    "{message}"
+                );
+            }
+            other => panic!("create answered {other}: {body}"),
+        }
+    }
+    assert_eq!(admitted.len(), 10, "admitted {} runs", admitted.len());
+
+    // A slot comes back when a run ends.
+    let (status, body) = cluster
+        .post_on(1, &format!("/v1/runs/{}/kill", admitted[0]), None)
+        .await;
+    assert_eq!(status, 202, "{body}");
+    cluster.wait_terminal_on(0, admitted[0], WAIT).await;
+    let (status, body) = cluster
+        .create_on(2, json!({"agent": "long", "task": "one more"}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    admitted[0] = body["id"].as_str().unwrap().parse().unwrap();
+    let (status, _) = cluster
+        .create_on(0, json!({"agent": "long", "task": "too many"}))
+        .await;
+    assert_eq!(status, 429);
+    for id in admitted {
+        cluster
+            .post_on(
+                (id.as_u128() % 3) as usize,
+                &format!("/v1/runs/{id}/kill"),
+                None,
+            )
+            .await;
+    }
+}
+
+/// The value of an unlabelled metric in Prometheus text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+}
