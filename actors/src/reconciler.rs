@@ -4,9 +4,10 @@
 //! this cluster's id, and
 //! - removes those whose run is unknown to the store or already terminal (left behind by a
 //!   control plane that stopped, or by a removal that failed);
-//! - fails with `sandbox_vanished` the live runs whose sandbox is gone and that no run actor of
-//!   this replica is watching (a run actor notices a vanished sandbox itself, through the
-//!   provider's `wait`).
+//! - fails with `sandbox_vanished` the live runs whose sandbox is gone and that no replica
+//!   drives: no run actor here, and no live replica holding the run's lease (a run actor notices
+//!   a vanished sandbox itself, through the provider's `wait`). The run is claimed first, so the
+//!   failure is written under a fresh lease and cannot race an adopting replica.
 //!
 //! The decisions are plain functions ([`verdict`], [`vanished`]); the actor only does the I/O and
 //! keeps counters of what it did.
@@ -22,8 +23,8 @@ use serde::Serialize;
 use crate::model::{EventKind, Failure, FailureKind, RunId, RunRecord, RunState, Termination};
 use crate::provider::{labels, SandboxInfo};
 use crate::router::{KillSandbox, ListProviders, ListSandboxes, ProviderRouter};
-use crate::run::RunRegistry;
-use crate::store::{RunFilter, RunStore};
+use crate::run::{provider_slot, RunRegistry};
+use crate::store::{Claim, ClaimOutcome, Lease, RunFilter, RunStore, RunWrite, StoreError};
 
 /// What to do with one labelled sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +74,8 @@ pub struct Reconciler {
     store: Arc<dyn RunStore>,
     registry: RunRegistry,
     cluster_id: String,
+    /// This replica's name, under which abandoned runs are claimed.
+    replica_id: String,
     interval: Duration,
     counters: ReconcilerCounters,
     busy: bool,
@@ -84,6 +87,7 @@ impl Reconciler {
         store: Arc<dyn RunStore>,
         registry: RunRegistry,
         cluster_id: String,
+        replica_id: String,
         interval: Duration,
     ) -> Self {
         Reconciler {
@@ -91,6 +95,7 @@ impl Reconciler {
             store,
             registry,
             cluster_id,
+            replica_id,
             interval,
             counters: ReconcilerCounters::default(),
             busy: false,
@@ -107,6 +112,7 @@ impl Reconciler {
             self.store.clone(),
             self.registry.clone(),
             self.cluster_id.clone(),
+            self.replica_id.clone(),
         );
         ctx.spawn(pass.into_actor(self).map(|done, act, _| {
             act.busy = false;
@@ -164,6 +170,7 @@ async fn reconcile(
     store: Arc<dyn RunStore>,
     registry: RunRegistry,
     cluster_id: String,
+    replica_id: String,
 ) -> PassOutcome {
     let mut out = PassOutcome::default();
     let providers = match router.send(ListProviders).await {
@@ -248,7 +255,16 @@ async fn reconcile(
                 if !vanished(&record, &seen, registry.get(record.id).is_some()) {
                     continue;
                 }
-                match fail_vanished(&*store, record).await {
+                let lease = match claim_abandoned(&*store, record.id, &replica_id).await {
+                    Ok(Some(lease)) => lease,
+                    Ok(None) => continue,
+                    Err(err) => {
+                        tracing::warn!(run_id = %record.id, error = %err, "reconciler: cannot claim a run");
+                        out.errors += 1;
+                        continue;
+                    }
+                };
+                match fail_vanished(&*store, record, &lease).await {
                     Ok(id) => {
                         tracing::warn!(run_id = %id, provider = %name, "reconciler failed a run whose sandbox vanished");
                         out.runs_failed += 1;
@@ -262,6 +278,25 @@ async fn reconcile(
         }
     }
     out
+}
+
+/// The run's lease when no other live replica drives it: claimed if orphaned, or taken over
+/// from this replica itself (its run actor is gone). `None` when another replica holds it.
+async fn claim_abandoned(
+    store: &dyn RunStore,
+    id: RunId,
+    replica: &str,
+) -> Result<Option<Lease>, StoreError> {
+    match store.claim_run(id, replica, Claim::IfOrphaned).await? {
+        ClaimOutcome::Claimed { lease, .. } => Ok(Some(lease)),
+        ClaimOutcome::Held { owner } if owner == replica => {
+            match store.claim_run(id, replica, Claim::Takeover).await? {
+                ClaimOutcome::Claimed { lease, .. } => Ok(Some(lease)),
+                ClaimOutcome::Held { .. } => Ok(None),
+            }
+        }
+        ClaimOutcome::Held { .. } => Ok(None),
+    }
 }
 
 async fn live_runs(
@@ -290,7 +325,8 @@ async fn live_runs(
 async fn fail_vanished(
     store: &dyn RunStore,
     mut record: RunRecord,
-) -> Result<RunId, crate::store::StoreError> {
+    lease: &Lease,
+) -> Result<RunId, StoreError> {
     let id = record.id;
     let from = record.state;
     let failure = Failure::new(
@@ -304,19 +340,29 @@ async fn fail_vanished(
     record.state_times.insert(RunState::Failed, Utc::now());
     record.failure = Some(failure.clone());
     record.termination = Some(Termination::Failed);
-    store.put_run(&record).await?;
-    store.revoke_tokens(id).await?;
+    record.owner = lease.replica.clone();
     store
-        .append_event(
-            id,
-            EventKind::StateChanged {
-                from,
-                to: RunState::Failed,
-                failure: Some(failure),
+        .release_slot(&provider_slot(&record.provider), id)
+        .await?;
+    let provider = record.provider.clone();
+    store
+        .write_run(
+            lease,
+            RunWrite {
+                events: vec![EventKind::StateChanged {
+                    from,
+                    to: RunState::Failed,
+                    failure: Some(failure),
+                }],
+                record: Some(record),
+                ..RunWrite::default()
             },
         )
         .await?;
+    store.revoke_tokens(id).await?;
     store.close_logs(id).await?;
+    store.release_run(lease).await?;
+    tracing::debug!(run_id = %id, provider, "run failed as vanished");
     Ok(id)
 }
 

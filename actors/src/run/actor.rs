@@ -448,6 +448,9 @@ pub struct RunActor {
     lease: Lease,
     /// Taken over from another replica (rather than created here).
     adopted: bool,
+    /// Stop and kill requests carried out here; handed on if the run moves to another replica
+    /// before they took effect.
+    applied_commands: Vec<RunCommand>,
     record: RunRecord,
     spec: RunSpec,
     phase: Phase,
@@ -534,6 +537,7 @@ impl RunActor {
                 id,
                 lease,
                 adopted: adopted.is_some(),
+                applied_commands: Vec::new(),
                 writes,
                 record: spec.record.clone(),
                 spec,
@@ -1432,6 +1436,7 @@ impl RunActor {
         if self.phase.state.is_terminal() || self.phase.state == RunState::Stopping {
             return;
         }
+        self.applied_commands.push(RunCommand::Stop { grace_s });
         let grace_s = grace_s.unwrap_or(self.timeouts().stop_grace.as_secs());
         self.ending_span = Some(tracing::info_span!(parent: &self.spec.span, "run.stop", grace_s));
         self.record_events(vec![EventKind::StopRequested { grace_s }], ctx);
@@ -1442,6 +1447,9 @@ impl RunActor {
         if self.phase.state.is_terminal() {
             return;
         }
+        self.applied_commands.push(RunCommand::Kill {
+            reason: Some(reason.clone()),
+        });
         self.ending_span = Some(tracing::info_span!(parent: &self.spec.span, "run.kill"));
         self.record_events(vec![EventKind::KillRequested { reason }], ctx);
         self.apply(Input::Kill, ctx);
@@ -1499,6 +1507,24 @@ impl Handler<Superseded> for RunActor {
         tracing::info!(run_id = %self.id, by = ?msg.by, fence = self.lease.fence, "another replica drives the run now; stepping down");
         for (_, handle) in self.timers.drain() {
             ctx.cancel_future(handle);
+        }
+        // Requests this replica accepted but could no longer carry out go to the new owner.
+        let commands = std::mem::take(&mut self.applied_commands);
+        if !commands.is_empty() {
+            let store = self.deps.store.clone();
+            let id = self.id;
+            actix_rt::spawn(async move {
+                for command in commands {
+                    match store.push_command(id, &command).await {
+                        Ok(owner) => {
+                            tracing::info!(run_id = %id, ?command, ?owner, "command handed to the run's new owner")
+                        }
+                        Err(err) => {
+                            tracing::warn!(run_id = %id, ?command, error = %err, "could not hand a command to the run's new owner")
+                        }
+                    }
+                }
+            });
         }
         if let Some(conn) = self.connection.take() {
             // The shim reconnects (through the load balancer) and resumes where it was acked.

@@ -377,6 +377,7 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
         store.clone(),
         registry.clone(),
         config.cluster_id.clone(),
+        replica_id.clone(),
         RECONCILE_INTERVAL,
     )
     .start();

@@ -254,7 +254,9 @@ impl LoadBalancer {
 impl Drop for LoadBalancer {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+            if stop.send(()).is_err() {
+                eprintln!("load balancer thread already gone");
+            }
         }
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
@@ -309,8 +311,11 @@ async fn relay(mut client: TcpStream, shared: Arc<LbShared>) {
         }
     };
     // Small frames (acks, heartbeats) go out at once, as the server sends them.
-    let _ = client.set_nodelay(true);
-    let _ = server.set_nodelay(true);
+    for (side, stream) in [("client", &client), ("backend", &server)] {
+        if let Err(err) = stream.set_nodelay(true) {
+            eprintln!("load balancer: cannot set TCP_NODELAY on the {side} side: {err}");
+        }
+    }
     let mut cuts = shared.cuts.subscribe();
     let generation = cuts.borrow_and_update().get(index).copied().unwrap_or(0);
     let cut = async {
@@ -636,6 +641,9 @@ pub struct Cluster {
     config: PathBuf,
     replicas_env: Vec<(String, String)>,
     dir: tempfile::TempDir,
+    /// Held while the cluster lives: clusters of one test binary run one at a time, so the
+    /// replicas of parallel tests do not starve each other on a small machine.
+    _turn: tokio::sync::OwnedMutexGuard<()>,
 }
 
 impl Cluster {
@@ -643,6 +651,12 @@ impl Cluster {
     /// routes the load balancer to them.
     pub async fn start(n: usize, workspace: Workspace, setup: ClusterSetup) -> Cluster {
         static CLUSTERS: AtomicUsize = AtomicUsize::new(0);
+        static TURN: std::sync::OnceLock<Arc<tokio::sync::Mutex<()>>> = std::sync::OnceLock::new();
+        let turn = TURN
+            .get_or_init(|| Arc::new(tokio::sync::Mutex::new(())))
+            .clone()
+            .lock_owned()
+            .await;
         let dir = tempfile::tempdir().expect("tempdir for the cluster");
         let redis = RedisServer::start();
         let lb = LoadBalancer::start();
@@ -681,6 +695,7 @@ impl Cluster {
             config,
             replicas_env: setup.replicas_env,
             dir,
+            _turn: turn,
         };
         for _ in 0..n {
             let replica = cluster.spawn_replica();
@@ -973,7 +988,9 @@ impl Cluster {
                 };
                 if pid_alive(pid) {
                     if let Ok(pid) = i32::try_from(pid) {
-                        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                        if let Err(err) = killpg(Pid::from_raw(pid), Signal::SIGKILL) {
+                            eprintln!("could not kill leftover process group {pid}: {err}");
+                        }
                     }
                 }
             }
