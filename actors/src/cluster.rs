@@ -4,8 +4,8 @@
 //! issued on another replica) and runs taken over elsewhere.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
@@ -32,6 +32,11 @@ pub struct ReplicaKeeper {
     lease: Duration,
     stats: Arc<ClusterStats>,
     sweeping: bool,
+    /// Since when this replica's heartbeats have been stored without a failure. Orphans are
+    /// adopted only after a whole lease of that: when the store was away, every replica's
+    /// heartbeat lapsed, and the live ones need a lease to renew theirs before any run counts as
+    /// orphaned.
+    healthy_since: Arc<Mutex<Option<Instant>>>,
 }
 
 impl ReplicaKeeper {
@@ -41,6 +46,7 @@ impl ReplicaKeeper {
             lease,
             stats,
             sweeping: false,
+            healthy_since: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -53,9 +59,19 @@ impl ReplicaKeeper {
         let replica = self.replica().to_string();
         let lease = self.lease;
         let stats = self.stats.clone();
+        let healthy_since = self.healthy_since.clone();
         ctx.spawn(
             async move {
-                if let Err(err) = store.heartbeat(&replica, lease).await {
+                let result = store.heartbeat(&replica, lease).await;
+                {
+                    let mut since = healthy_since.lock().unwrap_or_else(|p| p.into_inner());
+                    match (&result, *since) {
+                        (Ok(()), None) => *since = Some(Instant::now()),
+                        (Err(_), _) => *since = None,
+                        (Ok(()), Some(_)) => {}
+                    }
+                }
+                if let Err(err) = result {
                     let failures = stats.heartbeat_failures.fetch_add(1, Ordering::Relaxed) + 1;
                     if failures == 1 || failures.is_multiple_of(20) {
                         tracing::warn!(replica, error = %err, "heartbeat not stored; other replicas may adopt this replica's runs");
@@ -69,6 +85,14 @@ impl ReplicaKeeper {
     /// Adopts orphaned runs and delivers queued commands the notices may have missed.
     fn sweep(&mut self, ctx: &mut Context<Self>) {
         if self.sweeping {
+            return;
+        }
+        let settled = self
+            .healthy_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|since| since.elapsed() >= self.lease);
+        if !settled {
             return;
         }
         self.sweeping = true;

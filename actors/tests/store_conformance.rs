@@ -682,12 +682,14 @@ mod suite {
             ],
             record: None,
             seq: Some(5),
+            batch: 0,
         };
         write.merge(RunWrite {
             events: vec![message("three")],
             agent_logs: vec![("stdout".into(), "l3".into())],
             record: Some(record.clone().with_state(RunState::Running)),
             seq: Some(4),
+            batch: 0,
         });
         assert_eq!(
             write.seq,
@@ -705,8 +707,16 @@ mod suite {
             )
             .await
             .unwrap();
+        // A numbered write retried (its reply was lost) is applied once.
+        let numbered = RunWrite {
+            events: vec![message("four")],
+            batch: 7,
+            ..RunWrite::default()
+        };
+        h.store.write_run(&lease, numbered.clone()).await.unwrap();
+        h.peer.write_run(&lease, numbered).await.unwrap();
         let events = drain(h.peer.events(id, 0, false).await.unwrap()).await;
-        assert_eq!(indices(&events), vec![1, 2, 3]);
+        assert_eq!(indices(&events), vec![1, 2, 3, 4]);
         assert_eq!(events[2].kind, message("three"));
         h.store.close_logs(id).await.unwrap();
         let lines = drain(h.peer.logs(id, LogSource::Agent, 0, true).await.unwrap()).await;

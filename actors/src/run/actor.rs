@@ -223,6 +223,8 @@ struct Writer {
     router: Addr<ProviderRouter>,
     evidence_lines: usize,
     actor: Recipient<Superseded>,
+    /// Numbers the writer's store calls, so a retried one is applied once.
+    batches: std::sync::atomic::AtomicU64,
 }
 
 /// Writes merged into one store call at most.
@@ -300,7 +302,11 @@ impl Writer {
 
     /// One fenced write, retried with backoff while the store is unavailable. `Err` only when
     /// the lease was lost; other failures are logged and the write dropped.
-    async fn store_write(&self, write: RunWrite) -> Result<(), StoreError> {
+    async fn store_write(&self, mut write: RunWrite) -> Result<(), StoreError> {
+        write.batch = self
+            .batches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
         let mut delay = Duration::from_millis(100);
         let mut attempts = 0u32;
         loop {
@@ -530,6 +536,7 @@ impl RunActor {
                     router: deps.router.clone(),
                     evidence_lines: deps.settings.evidence_lines,
                     actor: ctx.address().recipient(),
+                    batches: std::sync::atomic::AtomicU64::new(0),
                 },
                 rx,
             ));
@@ -1072,14 +1079,9 @@ impl RunActor {
             call.span.record("outcome", "abandoned");
             tracing::debug!(run_id = %id, call_id, tool = %call.tool, "tool call abandoned at run end");
         }
-        if let Some(conn) = self.connection.take() {
-            if let Err(err) = conn.conn.try_send(ToShim::Close {
-                code: 1000,
-                reason: format!("run {to}"),
-            }) {
-                tracing::debug!(run_id = %id, error = %err, "connection already gone");
-            }
-        }
+        // The connection stays open until the end is stored: the shim gets its acks first, so it
+        // has nothing left to resend (to another replica) once it is closed.
+        tracing::debug!(run_id = %id, state = %to, "run ended; storing its end");
         let started = self
             .record
             .state_times
@@ -1427,6 +1429,14 @@ impl Handler<Finished> for RunActor {
     type Result = ();
     fn handle(&mut self, msg: Finished, ctx: &mut Context<Self>) {
         self.record = *msg.0;
+        if let Some(conn) = self.connection.take() {
+            if let Err(err) = conn.conn.try_send(ToShim::Close {
+                code: 1000,
+                reason: format!("run {}", self.record.state),
+            }) {
+                tracing::debug!(run_id = %self.id, error = %err, "connection already gone");
+            }
+        }
         ctx.stop();
     }
 }

@@ -76,6 +76,8 @@ struct RunSlot {
     /// Owner and fence.
     lease: Option<(String, u64)>,
     last_seq: u64,
+    /// Fence and number of the last numbered write applied.
+    applied: (u64, u64),
     commands: VecDeque<RunCommand>,
     events: Option<Journal<RunEvent>>,
     agent_logs: Option<Journal<LogLine>>,
@@ -494,6 +496,12 @@ impl RunStore for MemoryStore {
                 fence: lease.fence,
                 current,
             });
+        }
+        if write.batch > 0 {
+            if slot.applied.0 == current && slot.applied.1 >= write.batch {
+                return Ok(());
+            }
+            slot.applied = (current, write.batch);
         }
         let at = Utc::now();
         for kind in write.events {

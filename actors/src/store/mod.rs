@@ -117,6 +117,10 @@ pub struct RunWrite {
     pub record: Option<RunRecord>,
     /// The highest shim sequence number these writes complete.
     pub seq: Option<u64>,
+    /// Number of this write in its writer's order under one lease (0: not numbered). A
+    /// numbered write is applied at most once, so one retried after its reply was lost (the
+    /// store went away mid-call) is not applied twice.
+    pub batch: u64,
 }
 
 impl RunWrite {

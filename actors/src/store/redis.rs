@@ -18,6 +18,7 @@
 //! | `tokens:<run id>` | set | hashes of the run's tokens, so revocation finds them; expires with the last token |
 //! | `lease:<id>` | hash | `replica` owning the run, `fence` (raised by every claim) |
 //! | `seq:<id>` | string | the highest shim sequence number stored |
+//! | `applied:<id>` | hash | `fence` and `batch` of the last numbered write applied (retries are not applied twice) |
 //! | `replica:<name>` | string | present while the replica's heartbeat is current (PX expiry) |
 //! | `replicas` | set | replicas that own or owned runs |
 //! | `owned:<name>` | set | live runs a replica owns |
@@ -205,27 +206,36 @@ redis.call('SADD', ARGV[3] .. 'replicas', ARGV[1])
 return {'1', owner or '', tostring(fence)}
 ";
 
-/// A run actor's writes, if its fence is current. KEYS: lease, run, events, agent logs, seq.
-/// ARGV: fence, at, seq or '', record json or '', number of events, the events' JSON, then
-/// stream/line pairs. Returns {0}, {-2, current fence} when fenced, {-1} without a run.
+/// A run actor's writes, if its fence is current and (numbered) not applied already.
+/// KEYS: lease, run, events, agent logs, seq, applied. ARGV: fence, at, seq or '', record json
+/// or '', batch number, number of events, the events' JSON, then stream/line pairs.
+/// Returns {0}, {-2, current fence} when fenced, {-1} without a run.
 const WRITE_RUN: &str = r"
 local current = tonumber(redis.call('HGET', KEYS[1], 'fence') or '0')
 if current ~= tonumber(ARGV[1]) then return {-2, current} end
 if redis.call('EXISTS', KEYS[2]) == 0 then return {-1} end
+local batch = tonumber(ARGV[5])
+if batch > 0 then
+  local applied = redis.call('HMGET', KEYS[6], 'fence', 'batch')
+  if tonumber(applied[1] or '-1') == current and tonumber(applied[2] or '0') >= batch then
+    return {0}
+  end
+  redis.call('HSET', KEYS[6], 'fence', current, 'batch', batch)
+end
 local function last_index(key)
   local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
   if #last > 0 then return tonumber(string.match(last[1][1], '^(%d+)')) end
   return 0
 end
-local n_events = tonumber(ARGV[5])
+local n_events = tonumber(ARGV[6])
 if n_events > 0 then
   local n = last_index(KEYS[3])
-  for i = 6, 5 + n_events do
+  for i = 7, 6 + n_events do
     n = n + 1
     redis.call('XADD', KEYS[3], string.format('%d-0', n), 'at', ARGV[2], 'kind', ARGV[i])
   end
 end
-local first_log = 6 + n_events
+local first_log = 7 + n_events
 if first_log < #ARGV then
   local n = last_index(KEYS[4])
   for i = first_log, #ARGV - 1, 2 do
@@ -1324,6 +1334,7 @@ impl RunStore for RedisStore {
         let (record, events, logs) = (&record, &events, &write.agent_logs);
         let at = &timestamp_arg(Utc::now());
         let seq = &write.seq.map(|s| s.to_string()).unwrap_or_default();
+        let batch = write.batch;
         let reply: Vec<i64> = inner
             .call(move |mut conn| async move {
                 let mut invocation = inner
@@ -1335,10 +1346,12 @@ impl RunStore for RedisStore {
                     .key(inner.journal_key(id, Journal::Events, LogSource::Agent))
                     .key(inner.logs_key(id, LogSource::Agent))
                     .key(inner.key(&format!("seq:{id}")))
+                    .key(inner.key(&format!("applied:{id}")))
                     .arg(lease.fence)
                     .arg(at)
                     .arg(seq)
                     .arg(record)
+                    .arg(batch)
                     .arg(events.len());
                 for event in events {
                     invocation.arg(event);

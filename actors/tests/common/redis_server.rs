@@ -1,5 +1,5 @@
-//! A real `redis-server` for tests: its own process on a free loopback port, without persistence,
-//! killed when dropped. Shared by the integration tests of several crates (included by path).
+//! A real `redis-server` for tests: its own process on a free loopback port, without persistence
+//! unless asked (an append-only file synced at every write), killed when dropped. Shared by the integration tests of several crates (included by path).
 #![allow(dead_code)]
 
 use std::io::{ErrorKind, Read, Write};
@@ -15,17 +15,29 @@ pub struct RedisServer {
     port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// Keeps its data across restarts.
+    persistent: bool,
 }
 
 impl RedisServer {
     /// Starts a server on a free port. Panics with an install hint when `redis-server` is missing.
     pub fn start() -> RedisServer {
+        Self::start_with(false)
+    }
+
+    /// A server whose data survives `kill` and `restart` (append-only file, fsync always).
+    pub fn start_persistent() -> RedisServer {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> RedisServer {
         let port = free_port();
         let dir = tempfile::tempdir().expect("tempdir for redis-server");
         let mut server = RedisServer {
             port,
             child: None,
             dir,
+            persistent,
         };
         server.restart();
         server
@@ -57,14 +69,17 @@ impl RedisServer {
         }
     }
 
-    /// Starts the server (again) on the same port, empty, and waits until it answers.
+    /// Starts the server (again) on the same port, empty unless persistent, and waits until it
+    /// answers.
     pub fn restart(&mut self) {
         self.kill();
+        let appendonly = if self.persistent { "yes" } else { "no" };
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
-            .args(["--appendonly", "no"])
+            .args(["--appendonly", appendonly])
+            .args(["--appendfsync", "always"])
             .arg("--dir")
             .arg(self.dir.path())
             .stdin(Stdio::null())

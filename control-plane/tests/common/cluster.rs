@@ -605,6 +605,8 @@ pub struct ClusterSetup {
     pub extra_providers: String,
     /// Extra server-level YAML appended verbatim to the config file.
     pub extra_config: String,
+    /// Redis keeps its data across a restart (append-only file).
+    pub persistent_redis: bool,
     /// Environment of every replica, on top of the test's (minus the `CODEBOLT_*` overrides of
     /// the config file, plus `NO_COLOR=1`).
     pub replicas_env: Vec<(String, String)>,
@@ -617,6 +619,7 @@ impl Default for ClusterSetup {
             replica_lease_ms: 1500,
             extra_providers: String::new(),
             extra_config: String::new(),
+            persistent_redis: false,
             replicas_env: Vec::new(),
         }
     }
@@ -658,7 +661,11 @@ impl Cluster {
             .lock_owned()
             .await;
         let dir = tempfile::tempdir().expect("tempdir for the cluster");
-        let redis = RedisServer::start();
+        let redis = if setup.persistent_redis {
+            RedisServer::start_persistent()
+        } else {
+            RedisServer::start()
+        };
         let lb = LoadBalancer::start();
         let cluster_id = format!(
             "test-{}-{}",
