@@ -96,6 +96,25 @@ async fn a_run_is_one_trace_with_the_named_spans() {
     let run = server.start_run("traced", "trace me").await;
     let done = server.wait_terminal(run.id, Duration::from_secs(30)).await;
     assert_eq!(done.state, RunState::Succeeded, "{:?}", done.failure);
+    // Every event names the run's trace.
+    let history = server
+        .http
+        .get(server.url(&format!("/v1/runs/{}/events", run.id)))
+        .send()
+        .await
+        .expect("events")
+        .text()
+        .await
+        .expect("events text");
+    let data: Vec<serde_json::Value> = common::parse_sse(&history);
+    assert!(!data.is_empty(), "no events: {history}");
+    for event in &data {
+        assert_eq!(
+            event["trace_id"],
+            serde_json::json!(done.trace_id),
+            "{event}"
+        );
+    }
     server.stop().await;
     // The run actor has stopped, closing the root span; flush what is buffered.
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -617,7 +617,7 @@ where
 #[utoipa::path(
     get, path = "/v1/runs/{id}/events", tag = "runs",
     params(("id" = String, Path, description = "run id"), EventsQuery),
-    responses((status = 200, description = "server-sent events, each `data` a RunEvent; history first", content_type = "text/event-stream", body = actors::model::RunEvent), (status = 404, body = ErrorBody))
+    responses((status = 200, description = "server-sent events, each `data` a RunEvent plus the run's `trace_id`; history first", content_type = "text/event-stream", body = actors::model::RunEvent), (status = 404, body = ErrorBody))
 )]
 pub async fn run_events(
     _auth: ApiAuth,
@@ -627,16 +627,24 @@ pub async fn run_events(
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     let id = parse_run_id(&id)?;
-    load_run(&state, id).await?;
+    let record = load_run(&state, id).await?;
     let after = query.after.or(last_event_id(&req)?).unwrap_or(0);
     let events = state.store.events(id, after, query.follow).await?;
-    let stream = events.map(|item| match item {
+    let trace_id = record.trace_id;
+    let stream = events.map(move |item| match item {
         Ok(event) => {
-            let name = serde_json::to_value(&event.kind)
-                .ok()
-                .and_then(|v| v.get("event").and_then(|e| e.as_str()).map(String::from))
-                .unwrap_or_else(|| "event".into());
-            Ok(sse_frame(event.index, &name, &event))
+            // Each event names the run's trace, so a dashboard can jump from it to the trace.
+            let mut data = serde_json::to_value(&event).map_err(|err| {
+                actix_web::error::ErrorInternalServerError(format!("event encoding: {err}"))
+            })?;
+            let name = data
+                .get("event")
+                .and_then(|e| e.as_str())
+                .map_or_else(|| "event".to_string(), String::from);
+            if let Some(fields) = data.as_object_mut() {
+                fields.insert("trace_id".into(), trace_id.clone().into());
+            }
+            Ok(sse_frame(event.index, &name, &data))
         }
         Err(err) => Err(actix_web::error::ErrorServiceUnavailable(err.to_string())),
     });
