@@ -37,6 +37,7 @@ fn request(run_id: RunId, cluster: &str) -> SpawnRequest {
         ("CODEBOLT_LOST_AFTER_S".to_string(), "120".to_string()),
     ]);
     SpawnRequest {
+        span: tracing::Span::none(),
         run_id,
         agent: "probe".into(),
         image: None,

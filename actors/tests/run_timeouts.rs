@@ -543,6 +543,7 @@ async fn a_resumed_shim_resends_and_duplicates_are_dropped() {
 async fn a_provider_actor_that_panics_is_restarted_and_counted() {
     let h = harness(SpawnMode::Panic);
     let request = |run_id| SpawnRequest {
+        span: tracing::Span::none(),
         run_id,
         agent: "a".into(),
         image: None,

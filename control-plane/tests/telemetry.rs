@@ -131,6 +131,7 @@ async fn a_run_is_one_trace_with_the_named_spans() {
         "provider.route",
         "bundle.build",
         "sandbox.create",
+        "process.start",
         "sandbox.wait_callback",
         "shim.connect",
         "tool.call",

@@ -97,7 +97,11 @@ impl Handler<Spawn> for ProviderActor {
     type Result = ResponseActFuture<Self, Result<SandboxHandle, ProviderError>>;
     fn handle(&mut self, msg: Spawn, _: &mut Context<Self>) -> Self::Result {
         let p = self.provider.clone();
-        Box::pin(async move { p.spawn(msg.0).await }.into_actor(self))
+        let span = msg.0.span.clone();
+        Box::pin(
+            tracing::Instrument::instrument(async move { p.spawn(msg.0).await }, span)
+                .into_actor(self),
+        )
     }
 }
 

@@ -589,8 +589,11 @@ impl Provider for DockerProvider {
             .image
             .clone()
             .unwrap_or_else(|| self.settings.default_image.clone());
-        self.ensure_image(&docker, &image, request.progress.as_ref())
-            .await?;
+        tracing::Instrument::instrument(
+            self.ensure_image(&docker, &image, request.progress.as_ref()),
+            tracing::info_span!("image.pull", container.image.name = %image),
+        )
+        .await?;
         let mut env = request.env.clone();
         use agent_shim::protocol::env as vars;
         if let Some(url) = self.callback_url(&docker).await? {
@@ -618,36 +621,40 @@ impl Provider for DockerProvider {
             name: name.clone(),
             platform: None,
         };
-        let created = docker
-            .create_container(Some(options), config)
-            .await
-            .map_err(|err| match err {
-                err if is_transport(&err) => self.unreachable(err),
-                DockerError::DockerResponseServerError {
-                    status_code: 404,
-                    message,
-                } if message.contains("image") => ProviderError::ImagePull {
-                    image: image.clone(),
-                    message,
-                },
-                DockerError::DockerResponseServerError {
-                    status_code,
-                    message,
-                } => ProviderError::SpawnFailed {
-                    message: format!(
-                        "docker engine refused to create container {name} ({status_code}): {message}"
-                    ),
-                },
-                other => ProviderError::SpawnFailed {
-                    message: format!("cannot create container {name}: {other}"),
-                },
-            })?;
+        let created = tracing::Instrument::instrument(
+            docker.create_container(Some(options), config),
+            tracing::info_span!("container.create", container.name = %name),
+        )
+        .await
+        .map_err(|err| match err {
+            err if is_transport(&err) => self.unreachable(err),
+            DockerError::DockerResponseServerError {
+                status_code: 404,
+                message,
+            } if message.contains("image") => ProviderError::ImagePull {
+                image: image.clone(),
+                message,
+            },
+            DockerError::DockerResponseServerError {
+                status_code,
+                message,
+            } => ProviderError::SpawnFailed {
+                message: format!(
+                    "docker engine refused to create container {name} ({status_code}): {message}"
+                ),
+            },
+            other => ProviderError::SpawnFailed {
+                message: format!("cannot create container {name}: {other}"),
+            },
+        })?;
         for warning in &created.warnings {
             tracing::warn!(run_id = %request.run_id, container = %name, warning, "docker warning");
         }
-        if let Err(err) = docker
-            .start_container(&created.id, None::<StartContainerOptions<String>>)
-            .await
+        if let Err(err) = tracing::Instrument::instrument(
+            docker.start_container(&created.id, None::<StartContainerOptions<String>>),
+            tracing::info_span!("container.start", container.id = %created.id),
+        )
+        .await
         {
             let failure = if is_transport(&err) {
                 self.unreachable(err)

@@ -193,7 +193,15 @@ impl Provider for LocalProvider {
             // Own process group: survives the control plane, killed as a group.
             .process_group(0)
             .kill_on_drop(false);
-        let mut child = command.spawn().map_err(|err| ProviderError::SpawnFailed {
+        let spawned = {
+            let _start = tracing::info_span!(
+                "process.start",
+                process.executable.path = %self.config.shim_path.display()
+            )
+            .entered();
+            command.spawn()
+        };
+        let mut child = spawned.map_err(|err| ProviderError::SpawnFailed {
             message: format!(
                 "cannot start the agent-shim at {}: {err}",
                 self.config.shim_path.display()

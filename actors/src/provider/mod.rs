@@ -38,6 +38,9 @@ pub struct SpawnRequest {
     /// Where the provider reports progress while it spawns (image pulls); may be full or
     /// closed, which never fails the spawn.
     pub progress: Option<tokio::sync::mpsc::Sender<SpawnProgress>>,
+    /// The run's `sandbox.create` span: the provider's own steps (image pull, container or
+    /// process start) are its children.
+    pub span: tracing::Span,
 }
 
 /// Progress of a spawn, recorded as run events.

@@ -762,6 +762,12 @@ impl RunActor {
             vars::LOST_AFTER_S.into(),
             settings.timeouts.lost_after.as_secs().max(1).to_string(),
         );
+        let span = tracing::info_span!(
+            parent: &self.spec.span,
+            "sandbox.create",
+            provider = %self.record.provider,
+            otel.status_code = tracing::field::Empty,
+        );
         let request = SpawnRequest {
             run_id: self.id,
             agent: self.record.agent.clone(),
@@ -774,6 +780,7 @@ impl RunActor {
                 (labels::CLUSTER.to_string(), settings.cluster_id.clone()),
             ]),
             progress: Some(self.progress_sink()),
+            span: span.clone(),
         };
         let token_record = TokenRecord {
             run_id: self.id,
@@ -787,12 +794,6 @@ impl RunActor {
         let provider = self.record.provider.clone();
         let addr = ctx.address();
         let run_id = self.id;
-        let span = tracing::info_span!(
-            parent: &self.spec.span,
-            "sandbox.create",
-            provider = %self.record.provider,
-            otel.status_code = tracing::field::Empty,
-        );
         // Detached from the actor: a sandbox that comes up after the run ended is still removed.
         actix_rt::spawn(tracing::Instrument::instrument(
             async move {
