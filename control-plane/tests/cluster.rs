@@ -554,3 +554,76 @@ async fn a_redis_restart_with_runs_in_flight_converges_without_leaks() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn a_run_taken_over_by_another_replica_stays_one_trace() {
+    let (receiver, otlp) = common::otlp::Receiver::start().await;
+    let env = vec![
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT".to_string(),
+            format!("http://{otlp}"),
+        ),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL".into(), "grpc".into()),
+        // Spans leave the replicas within a moment, not at their (SIGKILL) end.
+        ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+    ];
+    let cluster = Cluster::start(
+        2,
+        Workspace::new().agent("good", AGENT),
+        ClusterSetup {
+            replicas_env: env,
+            ..ClusterSetup::default()
+        },
+    )
+    .await;
+    cluster.lb().pin(Some(1));
+    let run = cluster.start_run_on(0, "good", "read the readme").await;
+    let done = cluster.wait_terminal_on(1, run.id, WAIT).await;
+    assert_eq!(done.state, RunState::Succeeded, "{:?}", done.failure);
+    assert!(cluster.replica(1).is_owner(&done.owner), "{}", done.owner);
+
+    let trace_id = hex::decode(&done.trace_id).expect("hex trace id");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (root, adopted, spans) = loop {
+        let spans: Vec<_> = receiver
+            .spans()
+            .into_iter()
+            .filter(|s| s.trace_id == trace_id)
+            .collect();
+        let root = spans.iter().find(|s| s.name == "codebolt.run").cloned();
+        let adopted = spans
+            .iter()
+            .find(|s| s.name == "codebolt.run.adopted")
+            .cloned();
+        let tool = spans.iter().any(|s| s.name == "tool.call");
+        if let (Some(root), Some(adopted), true) = (root, adopted, tool) {
+            break (root, adopted, spans);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the trace lacks the creating or the adopting replica's spans: {:?}",
+            spans.iter().map(|s| s.name.as_str()).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // The adopting replica's root is a child of the run's root span on the creating replica.
+    assert_eq!(adopted.parent_span_id, root.span_id);
+    assert!(
+        root.parent_span_id.is_empty(),
+        "the run's root has no parent"
+    );
+    let ids: Vec<&Vec<u8>> = spans.iter().map(|s| &s.span_id).collect();
+    for span in &spans {
+        assert!(
+            span.parent_span_id.is_empty() || ids.contains(&&span.parent_span_id),
+            "{} has a parent outside the trace",
+            span.name
+        );
+    }
+    // The tool calls ran on the adopting replica, under its root.
+    let tool = spans
+        .iter()
+        .find(|s| s.name == "tool.call")
+        .expect("tool span");
+    assert_eq!(tool.parent_span_id, adopted.span_id);
+}

@@ -4,42 +4,13 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actors::model::RunState;
 use codebolt::telemetry::{self, TelemetrySettings};
+use common::otlp::{attr, Receiver};
 use common::{TestServer, Workspace};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
 use opentelemetry_proto::tonic::trace::v1::Span;
-
-#[derive(Clone, Default)]
-struct Receiver {
-    spans: Arc<Mutex<Vec<Span>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut spans = self.spans.lock().unwrap();
-        for resource in request.into_inner().resource_spans {
-            for scope in resource.scope_spans {
-                spans.extend(scope.spans);
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
 
 const AGENT: &str = r#"
 read task
@@ -50,34 +21,9 @@ read r2
 printf '%s\n' '{"type":"done","result":"ok"}'
 "#;
 
-fn attr(span: &Span, key: &str) -> Option<String> {
-    span.attributes
-        .iter()
-        .find(|kv| kv.key == key)
-        .and_then(|kv| {
-            use opentelemetry_proto::tonic::common::v1::any_value::Value;
-            match kv.value.as_ref()?.value.as_ref()? {
-                Value::StringValue(s) => Some(s.clone()),
-                Value::IntValue(i) => Some(i.to_string()),
-                Value::BoolValue(b) => Some(b.to_string()),
-                other => Some(format!("{other:?}")),
-            }
-        })
-}
-
 #[actix_rt::test]
 async fn a_run_is_one_trace_with_the_named_spans() {
-    let receiver = Receiver::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let service = TraceServiceServer::new(receiver.clone());
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .expect("OTLP receiver");
-    });
+    let (receiver, addr) = Receiver::start().await;
 
     let env: HashMap<String, String> = [
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".to_string()),
@@ -122,7 +68,7 @@ async fn a_run_is_one_trace_with_the_named_spans() {
         .await
         .unwrap();
 
-    let spans = receiver.spans.lock().unwrap().clone();
+    let spans = receiver.spans();
     let trace_id = hex::decode(&done.trace_id).expect("hex trace id");
     let run_spans: Vec<&Span> = spans.iter().filter(|s| s.trace_id == trace_id).collect();
     let names: Vec<&str> = run_spans.iter().map(|s| s.name.as_str()).collect();
