@@ -523,10 +523,13 @@ impl Inner {
     }
 
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        self.query(redis::cmd("EXISTS").arg(key)).await
+    }
+
+    /// Runs one command on the shared connection, within the call deadline.
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
         self.call(move |mut conn| async move {
-            redis::cmd("EXISTS")
-                .arg(key)
-                .query_async::<bool>(&mut conn)
+            cmd.query_async::<T>(&mut conn)
                 .await
                 .map_err(|err| self.error(err))
         })
@@ -851,15 +854,7 @@ impl RunStore for RedisStore {
         })?;
         let (key, json) = (&inner.run_key(record.id), &json);
         let replaced: Option<String> = inner
-            .call(move |mut conn| async move {
-                redis::cmd("SET")
-                    .arg(key)
-                    .arg(json)
-                    .arg("XX")
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|err| inner.error(err))
-            })
+            .query(redis::cmd("SET").arg(key).arg(json).arg("XX"))
             .await?;
         match replaced {
             Some(_) => Ok(()),
@@ -870,15 +865,7 @@ impl RunStore for RedisStore {
     async fn get_run(&self, id: RunId) -> Result<Option<RunRecord>, StoreError> {
         let inner = &self.inner;
         let key = &inner.run_key(id);
-        let raw: Option<String> = inner
-            .call(move |mut conn| async move {
-                redis::cmd("GET")
-                    .arg(key)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|err| inner.error(err))
-            })
-            .await?;
+        let raw: Option<String> = inner.query(redis::cmd("GET").arg(key)).await?;
         raw.map(|json| serde_json::from_str(&json).map_err(|err| inner.corrupt(key, err)))
             .transpose()
     }
@@ -957,15 +944,7 @@ impl RunStore for RedisStore {
                 .iter()
                 .map(|c| inner.key(&format!("run:{}", c.id)))
                 .collect();
-            let records: Vec<Option<String>> = inner
-                .call(move |mut conn| async move {
-                    redis::cmd("MGET")
-                        .arg(keys)
-                        .query_async(&mut conn)
-                        .await
-                        .map_err(|err| inner.error(err))
-                })
-                .await?;
+            let records: Vec<Option<String>> = inner.query(redis::cmd("MGET").arg(keys)).await?;
             for (position, (candidate, raw)) in candidates.iter().zip(records).enumerate() {
                 bound = Some(candidate.clone());
                 let Some(raw) = raw else { continue };
@@ -1148,15 +1127,7 @@ impl RunStore for RedisStore {
     async fn get_token(&self, token_hash: &str) -> Result<Option<TokenRecord>, StoreError> {
         let inner = &self.inner;
         let key = &inner.key(&format!("token:{token_hash}"));
-        let raw: Option<String> = inner
-            .call(move |mut conn| async move {
-                redis::cmd("GET")
-                    .arg(key)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|err| inner.error(err))
-            })
-            .await?;
+        let raw: Option<String> = inner.query(redis::cmd("GET").arg(key)).await?;
         let Some(raw) = raw else { return Ok(None) };
         let doc: TokenDoc = serde_json::from_str(&raw).map_err(|err| inner.corrupt(key, err))?;
         Ok(Some(TokenRecord {
@@ -1185,16 +1156,10 @@ impl RunStore for RedisStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         let inner = &self.inner;
-        inner
-            .call(move |mut conn| async move {
-                redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .map_err(|err| inner.error(err))
-            })
-            .await?;
+        inner.query::<String>(&redis::cmd("PING")).await?;
         Ok(())
     }
+
     async fn heartbeat(&self, replica: &str, ttl: Duration) -> Result<(), StoreError> {
         let inner = &self.inner;
         let key = &inner.key(&format!("replica:{replica}"));
@@ -1295,15 +1260,7 @@ impl RunStore for RedisStore {
         let inner = &self.inner;
         let key = &inner.key(&format!("lease:{id}"));
         let (replica, fence): (Option<String>, Option<u64>) = inner
-            .call(move |mut conn| async move {
-                redis::cmd("HMGET")
-                    .arg(key)
-                    .arg("replica")
-                    .arg("fence")
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|err| inner.error(err))
-            })
+            .query(redis::cmd("HMGET").arg(key).arg("replica").arg("fence"))
             .await?;
         Ok(match (replica, fence) {
             (Some(replica), Some(fence)) => Some(Lease {
@@ -1386,29 +1343,14 @@ impl RunStore for RedisStore {
         let inner = &self.inner;
         let owned = &inner.key(&format!("owned:{}", lease.replica));
         inner
-            .call(move |mut conn| async move {
-                redis::cmd("SREM")
-                    .arg(owned)
-                    .arg(lease.run_id.to_string())
-                    .query_async::<()>(&mut conn)
-                    .await
-                    .map_err(|err| inner.error(err))
-            })
+            .query::<()>(redis::cmd("SREM").arg(owned).arg(lease.run_id.to_string()))
             .await
     }
 
     async fn last_seq(&self, id: RunId) -> Result<u64, StoreError> {
         let inner = &self.inner;
         let key = &inner.key(&format!("seq:{id}"));
-        let seq: Option<u64> = inner
-            .call(move |mut conn| async move {
-                redis::cmd("GET")
-                    .arg(key)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|err| inner.error(err))
-            })
-            .await?;
+        let seq: Option<u64> = inner.query(redis::cmd("GET").arg(key)).await?;
         Ok(seq.unwrap_or(0))
     }
 
@@ -1491,15 +1433,7 @@ impl RunStore for RedisStore {
     async fn runs_with_commands(&self) -> Result<Vec<RunId>, StoreError> {
         let inner = &self.inner;
         let key = &inner.key("cmdq");
-        let ids: Vec<String> = inner
-            .call(move |mut conn| async move {
-                redis::cmd("SMEMBERS")
-                    .arg(key)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|err| inner.error(err))
-            })
-            .await?;
+        let ids: Vec<String> = inner.query(redis::cmd("SMEMBERS").arg(key)).await?;
         parse_ids(inner, ids)
     }
 
@@ -1510,14 +1444,7 @@ impl RunStore for RedisStore {
             message: format!("could not encode a notice: {err}"),
         })?;
         inner
-            .call(move |mut conn| async move {
-                redis::cmd("PUBLISH")
-                    .arg(channel)
-                    .arg(json)
-                    .query_async::<()>(&mut conn)
-                    .await
-                    .map_err(|err| inner.error(err))
-            })
+            .query::<()>(redis::cmd("PUBLISH").arg(channel).arg(json))
             .await
     }
 
@@ -1574,29 +1501,14 @@ impl RunStore for RedisStore {
         let inner = &self.inner;
         let key = &inner.key(&format!("blob:{key}"));
         inner
-            .call(move |mut conn| async move {
-                redis::cmd("SET")
-                    .arg(key)
-                    .arg(bytes)
-                    .query_async::<()>(&mut conn)
-                    .await
-                    .map_err(|err| inner.error(err))
-            })
+            .query::<()>(redis::cmd("SET").arg(key).arg(bytes))
             .await
     }
 
     async fn get_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let inner = &self.inner;
         let key = &inner.key(&format!("blob:{key}"));
-        inner
-            .call(move |mut conn| async move {
-                redis::cmd("GET")
-                    .arg(key)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|err| inner.error(err))
-            })
-            .await
+        inner.query(redis::cmd("GET").arg(key)).await
     }
 
     async fn acquire_slot(
@@ -1634,14 +1546,7 @@ impl RunStore for RedisStore {
         let inner = &self.inner;
         let key = &inner.key(&format!("slots:{scope}"));
         inner
-            .call(move |mut conn| async move {
-                redis::cmd("SREM")
-                    .arg(key)
-                    .arg(id.to_string())
-                    .query_async::<()>(&mut conn)
-                    .await
-                    .map_err(|err| inner.error(err))
-            })
+            .query::<()>(redis::cmd("SREM").arg(key).arg(id.to_string()))
             .await
     }
 

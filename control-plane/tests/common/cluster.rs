@@ -822,20 +822,6 @@ impl Cluster {
         (status, res.json().await.unwrap_or(Value::Null))
     }
 
-    /// `GET <path>` on replica `i` as text (e.g. `/metrics`).
-    pub async fn get_text_on(&self, i: usize, path: &str) -> (u16, String) {
-        let url = self.url_on(i, path);
-        let res = self
-            .http
-            .get(&url)
-            .timeout(REQUEST_TIMEOUT)
-            .send()
-            .await
-            .unwrap_or_else(|err| panic!("GET {url} on replica {i}: {err}"));
-        let status = res.status().as_u16();
-        (status, res.text().await.unwrap_or_default())
-    }
-
     /// `POST /v1/runs` on replica `i`.
     pub async fn create_on(&self, i: usize, body: Value) -> (u16, Value) {
         self.post_on(i, "/v1/runs", Some(body)).await
