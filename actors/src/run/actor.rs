@@ -744,7 +744,13 @@ impl RunActor {
     fn send(&self, message: ServerMessage) {
         if let Some(conn) = &self.connection {
             if let Err(err) = conn.conn.try_send(ToShim::Frame(message)) {
-                tracing::warn!(run_id = %self.id, error = %err, "could not queue a frame for the shim");
+                // Nothing may be dropped silently: the shim reconnects and asks again for the
+                // results it still waits for.
+                tracing::warn!(run_id = %self.id, error = %err, "could not queue a frame for the shim; closing its connection");
+                conn.conn.do_send(ToShim::Close {
+                    code: 1013,
+                    reason: "control plane overloaded; reconnect".into(),
+                });
             }
         }
     }

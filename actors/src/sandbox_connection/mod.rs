@@ -212,7 +212,13 @@ impl SandboxConnection {
                             pending_calls,
                         })
                         .await
-                        .map_err(|_| TokenError::RunEnded { run_id })??;
+                        // The actor stopped in between (the run moved to another replica): not
+                        // the shim's fault, it reconnects and finds the run's new owner.
+                        .map_err(|_| {
+                            TokenError::Store(StoreError::Unavailable {
+                                message: format!("run {run_id} is moving between replicas"),
+                            })
+                        })??;
                         Ok::<_, TokenError>(run)
                     }
                     .into_actor(self)
@@ -261,6 +267,8 @@ impl Actor for SandboxConnection {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        // Frames for the shim (acks, results) queue here before the writer task takes them.
+        ctx.set_mailbox_capacity(OUTBOUND_CAPACITY);
         if self.token.is_empty() {
             self.close(CLOSE_POLICY_VIOLATION, TokenError::Missing.to_string(), ctx);
             return;
