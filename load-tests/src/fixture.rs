@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use actors::model::RunRecord;
+use actors::model::{RunEvent, RunRecord};
 use actors::run::RunTimeouts;
 use anyhow::{bail, ensure, Context};
 use codebolt::server::ServerOptions;
@@ -267,6 +267,28 @@ impl Api {
             record.state
         );
         Ok(record)
+    }
+
+    /// `GET /v1/runs/{id}/events`: the run's history so far (not following).
+    pub async fn events(&self, id: &str) -> anyhow::Result<Vec<RunEvent>> {
+        let res = self
+            .http
+            .get(format!("{}/v1/runs/{id}/events", self.base))
+            .send()
+            .await
+            .context("GET events")?;
+        ensure!(
+            res.status().as_u16() == 200,
+            "events of {id}: {}",
+            res.status()
+        );
+        let text = res.text().await.context("events body")?;
+        text.lines()
+            .filter_map(|line| line.strip_prefix("data: "))
+            .map(|data| {
+                serde_json::from_str(data).with_context(|| format!("event of {id}: {data}"))
+            })
+            .collect()
     }
 
     pub async fn kill(&self, id: &str) -> anyhow::Result<()> {

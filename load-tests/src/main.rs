@@ -1,8 +1,10 @@
 //! `load-tests`: load and latency harness for the codebolt control plane. Each scenario starts
-//! the real server in-process and drives it through its public interfaces; see the README for
-//! the figures and the commands that reproduce them.
+//! the real server (in-process; as `codebolt server` processes on one Redis for `cluster`) and
+//! drives it through its public interfaces; see the README for the figures and the commands that
+//! reproduce them.
 
 mod agent;
+mod cluster;
 mod docker_spawn;
 mod echo;
 mod fixture;
@@ -26,6 +28,8 @@ enum Command {
     Spawn(spawn::SpawnArgs),
     /// Tool-call round trip through shim and server, next to a bare WebSocket echo.
     Toolcall(toolcall::ToolcallArgs),
+    /// Replicas on one Redis: tool-call round trip, events/s, Redis work per call, failover time.
+    Cluster(cluster::ClusterArgs),
     /// Spawn-to-connected of the Docker provider next to plain `docker run` of the same image.
     DockerSpawn(docker_spawn::DockerSpawnArgs),
     /// The agent the toolcall scenario runs in its sandbox (speaks SPEC §7a on stdin/stdout).
@@ -39,6 +43,7 @@ fn main() -> anyhow::Result<()> {
         Command::Agent(args) => agent::run(args),
         Command::Spawn(args) => runtime()?.block_on(spawn::run(args)),
         Command::Toolcall(args) => runtime()?.block_on(toolcall::run(args)),
+        Command::Cluster(args) => runtime()?.block_on(cluster::run(args)),
         Command::DockerSpawn(args) => runtime()?.block_on(docker_spawn::run(args)),
     }
 }

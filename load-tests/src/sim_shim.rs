@@ -41,7 +41,7 @@ pub struct SimFigures {
 }
 
 /// Environment of a process, read from `/proc`.
-fn environ(pid: &str) -> anyhow::Result<BTreeMap<String, String>> {
+pub(crate) fn environ(pid: &str) -> anyhow::Result<BTreeMap<String, String>> {
     let raw = std::fs::read(format!("/proc/{pid}/environ"))
         .with_context(|| format!("environment of sandbox process {pid}"))?;
     Ok(raw
