@@ -80,8 +80,9 @@ pub struct RunSettings {
 #[derive(Clone, Default)]
 pub struct RunRegistry {
     inner: Arc<Mutex<HashMap<RunId, Addr<RunActor>>>>,
-    /// Held while a run is being adopted, so one replica never starts two actors for a run.
-    pub(crate) adopting: Arc<tokio::sync::Mutex<()>>,
+    /// One lock per run being adopted, so one replica never starts two actors for a run while
+    /// different runs are adopted side by side.
+    adopting: Arc<Mutex<HashMap<RunId, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl RunRegistry {
@@ -99,6 +100,22 @@ impl RunRegistry {
 
     pub fn is_empty(&self) -> bool {
         self.lock().is_empty()
+    }
+
+    /// Waits for, then holds, the right to adopt run `id` on this replica.
+    pub(crate) async fn adoption_turn(&self, id: RunId) -> AdoptionTurn {
+        let lock = self
+            .adopting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id)
+            .or_default()
+            .clone();
+        AdoptionTurn {
+            guard: Some(lock.lock_owned().await),
+            id,
+            registry: self.clone(),
+        }
     }
 
     /// Ids of the runs this replica drives.
@@ -132,6 +149,31 @@ pub fn detached_adopt_span(record: &RunRecord, _traceparent: &str) -> tracing::S
         run.id = %record.id,
         run.trace_id = %record.trace_id,
     )
+}
+
+/// The right to adopt one run; the run's lock is forgotten when the last holder lets go.
+pub(crate) struct AdoptionTurn {
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    id: RunId,
+    registry: RunRegistry,
+}
+
+impl Drop for AdoptionTurn {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut locks = self
+            .registry
+            .adopting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // Only this map holds the lock now: nobody else waits for it.
+        if locks
+            .get(&self.id)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            locks.remove(&self.id);
+        }
+    }
 }
 
 /// What a run actor stands on.

@@ -29,7 +29,7 @@ pub async fn adopt(
     deps: &RunDeps,
     claim: Claim,
 ) -> Result<Option<Addr<RunActor>>, AdoptError> {
-    let _one_at_a_time = deps.registry.adopting.lock().await;
+    let _turn = deps.registry.adoption_turn(id).await;
     if let Some(addr) = deps.registry.get(id) {
         return Ok(Some(addr));
     }

@@ -223,7 +223,11 @@ impl SandboxConnection {
                     }
                     .into_actor(self)
                     .map(move |res, act, ctx| match res {
-                        Ok(run) => act.stage = Stage::Attached { run_id, run },
+                        Ok(run) => {
+                            // The shim could send nothing while it waited for its welcome.
+                            act.last_seen = Instant::now();
+                            act.stage = Stage::Attached { run_id, run };
+                        }
                         Err(TokenError::Store(err)) => {
                             // Not the shim's fault: it reconnects and tries again.
                             tracing::warn!(conn = act.id, run_id = %run_id, error = %err, "shim turned away for now");
