@@ -186,6 +186,33 @@ fn assert_history_whole(events: &[actors::model::RunEvent]) {
     }
 }
 
+/// Waits (on replica 0) until the run ends, which must be in success, then reads its history on
+/// replica `read_on` and checks it is whole; returns the record and the history's event names.
+async fn succeeded_with_whole_history(
+    cluster: &Cluster,
+    id: uuid::Uuid,
+    read_on: usize,
+) -> (actors::model::RunRecord, Vec<String>) {
+    let done = cluster
+        .wait_terminal_on(0, id, Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        done.state,
+        RunState::Succeeded,
+        "run {id}: {:?} (owner {})",
+        done.failure,
+        done.owner
+    );
+    let events = cluster.events_on(read_on, id).await;
+    assert_history_whole(&events);
+    (done, kinds(&events))
+}
+
+/// How many of `names` are `name`.
+fn count(names: &[String], name: &str) -> usize {
+    names.iter().filter(|n| *n == name).count()
+}
+
 #[tokio::test]
 async fn a_run_spawned_through_a_is_stopped_through_c_while_its_shim_is_on_b() {
     let cluster = Cluster::start(
@@ -270,26 +297,14 @@ async fn killing_the_replica_that_holds_the_connections_moves_every_run_to_the_o
     cluster.replica_mut(1).kill9();
 
     for id in &ids {
-        let done = cluster
-            .wait_terminal_on(0, *id, Duration::from_secs(60))
-            .await;
-        assert_eq!(
-            done.state,
-            RunState::Succeeded,
-            "run {id}: {:?} (owner {})",
-            done.failure,
-            done.owner
-        );
+        let (done, names) = succeeded_with_whole_history(&cluster, *id, 2).await;
         assert!(
             cluster.replica(0).is_owner(&done.owner) || cluster.replica(2).is_owner(&done.owner),
             "run {id} ended on {}",
             done.owner
         );
-        let events = cluster.events_on(2, *id).await;
-        assert_history_whole(&events);
-        let names = kinds(&events);
-        let results = names.iter().filter(|n| *n == "tool_result").count();
-        let calls = names.iter().filter(|n| *n == "tool_call").count();
+        let results = count(&names, "tool_result");
+        let calls = count(&names, "tool_call");
         assert!(calls >= 25, "run {id}: {calls} calls: {names:?}");
         // Every call stored has its result, except one lost with the replica at most.
         assert!(
@@ -297,7 +312,7 @@ async fn killing_the_replica_that_holds_the_connections_moves_every_run_to_the_o
             "run {id}: {calls} calls, {results} results"
         );
         assert!(
-            names.iter().filter(|n| *n == "shim_connected").count() >= 2,
+            count(&names, "shim_connected") >= 2,
             "run {id} never reconnected: {names:?}"
         );
     }
@@ -518,25 +533,10 @@ async fn a_redis_restart_with_runs_in_flight_converges_without_leaks() {
     }
 
     for id in &ids {
-        let done = cluster
-            .wait_terminal_on(0, *id, Duration::from_secs(60))
-            .await;
+        let (_, names) = succeeded_with_whole_history(&cluster, *id, 1).await;
+        assert!(count(&names, "tool_result") >= 25, "run {id}: {names:?}");
         assert_eq!(
-            done.state,
-            RunState::Succeeded,
-            "run {id}: {:?} (owner {})",
-            done.failure,
-            done.owner
-        );
-        let events = cluster.events_on(1, *id).await;
-        assert_history_whole(&events);
-        let names = kinds(&events);
-        assert!(
-            names.iter().filter(|n| *n == "tool_result").count() >= 25,
-            "run {id}: {names:?}"
-        );
-        assert_eq!(
-            names.iter().filter(|n| *n == "sandbox_created").count(),
+            count(&names, "sandbox_created"),
             1,
             "run {id} got more than one sandbox: {names:?}"
         );
