@@ -341,9 +341,6 @@ async fn fail_vanished(
     record.failure = Some(failure.clone());
     record.termination = Some(Termination::Failed);
     record.owner = lease.replica.clone();
-    store
-        .release_slot(&provider_slot(&record.provider), id)
-        .await?;
     let provider = record.provider.clone();
     store
         .write_run(
@@ -354,6 +351,7 @@ async fn fail_vanished(
                     to: RunState::Failed,
                     failure: Some(failure),
                 }],
+                release_slot: Some(provider_slot(&provider)),
                 record: Some(record),
                 ..RunWrite::default()
             },

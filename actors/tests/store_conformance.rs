@@ -629,10 +629,18 @@ mod suite {
         assert_eq!(h.store.lease(id).await.unwrap(), Some(b.clone()));
 
         let before = h.store.fenced_writes();
+        assert_eq!(
+            h.store
+                .acquire_slot("provider:fenced", 1, id)
+                .await
+                .unwrap(),
+            Admission::Admitted
+        );
         let stale = RunWrite {
             events: vec![message("from the stale owner")],
             record: Some(record.clone().with_state(RunState::Failed)),
             seq: Some(9),
+            release_slot: Some("provider:fenced".into()),
             ..RunWrite::default()
         };
         assert_eq!(
@@ -644,13 +652,31 @@ mod suite {
             })
         );
         assert_eq!(h.store.fenced_writes(), before + 1, "refusals are counted");
+        let other = Uuid::new_v4();
+        assert_eq!(
+            h.store
+                .acquire_slot("provider:fenced", 1, other)
+                .await
+                .unwrap(),
+            Admission::Full { in_use: 1 },
+            "a refused end does not give the run's slot back"
+        );
         let fresh = RunWrite {
             events: vec![message("from the owner")],
             record: Some(record.clone().with_state(RunState::Running)),
             seq: Some(3),
+            release_slot: Some("provider:fenced".into()),
             ..RunWrite::default()
         };
         h.peer.write_run(&b, fresh).await.unwrap();
+        assert_eq!(
+            h.store
+                .acquire_slot("provider:fenced", 1, other)
+                .await
+                .unwrap(),
+            Admission::Admitted,
+            "the owner's write gave the slot back"
+        );
         let stored = h.store.get_run(id).await.unwrap().unwrap();
         assert_eq!(
             stored.state,
@@ -683,6 +709,7 @@ mod suite {
             record: None,
             seq: Some(5),
             batch: 0,
+            release_slot: None,
         };
         write.merge(RunWrite {
             events: vec![message("three")],
@@ -690,6 +717,7 @@ mod suite {
             record: Some(record.clone().with_state(RunState::Running)),
             seq: Some(4),
             batch: 0,
+            release_slot: None,
         });
         assert_eq!(
             write.seq,

@@ -118,11 +118,6 @@ impl RunRegistry {
         }
     }
 
-    /// Ids of the runs this replica drives.
-    pub fn ids(&self) -> Vec<RunId> {
-        self.lock().keys().copied().collect()
-    }
-
     fn insert(&self, id: RunId, addr: Addr<RunActor>) {
         self.lock().insert(id, addr);
     }
@@ -439,16 +434,14 @@ impl Writer {
             to: record.state,
             failure: record.failure.clone(),
         };
+        // The sandbox is gone (its removal was queued before this): its slot under the
+        // provider's concurrency limit is given back with the end, and only by the run's owner.
         let last = RunWrite {
             events: vec![event],
             record: Some(record.clone()),
+            release_slot: Some(provider_slot(&self.provider)),
             ..RunWrite::default()
         };
-        // The sandbox is gone (its removal was queued before this): its slot under the
-        // provider's concurrency limit is free before the run reads as ended.
-        if let Err(err) = store.release_slot(&provider_slot(&self.provider), id).await {
-            tracing::warn!(run_id = %id, error = %err, "could not release the run's slot");
-        }
         if !self.write_or_step_down(last).await {
             return;
         }

@@ -529,6 +529,11 @@ impl RunStore for MemoryStore {
         if let Some(seq) = write.seq {
             slot.last_seq = slot.last_seq.max(seq);
         }
+        if let Some(scope) = write.release_slot {
+            if let Some(held) = inner.slots.get_mut(&scope) {
+                held.remove(&lease.run_id);
+            }
+        }
         Ok(())
     }
 

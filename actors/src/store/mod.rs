@@ -121,6 +121,8 @@ pub struct RunWrite {
     /// numbered write is applied at most once, so one retried after its reply was lost (the
     /// store went away mid-call) is not applied twice.
     pub batch: u64,
+    /// A concurrency-limit scope whose slot the run gives back with these writes (its end).
+    pub release_slot: Option<String>,
 }
 
 impl RunWrite {
@@ -139,6 +141,9 @@ impl RunWrite {
             self.record = later.record;
         }
         self.seq = self.seq.max(later.seq);
+        if later.release_slot.is_some() {
+            self.release_slot = later.release_slot;
+        }
     }
 }
 

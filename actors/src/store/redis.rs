@@ -207,8 +207,9 @@ return {'1', owner or '', tostring(fence)}
 ";
 
 /// A run actor's writes, if its fence is current and (numbered) not applied already.
-/// KEYS: lease, run, events, agent logs, seq, applied. ARGV: fence, at, seq or '', record json
-/// or '', batch number, number of events, the events' JSON, then stream/line pairs.
+/// KEYS: lease, run, events, agent logs, seq, applied, slots (of the scope to release, or any
+/// key when none). ARGV: fence, at, seq or '', record json or '', batch number, run id to take
+/// out of the slots or '', number of events, the events' JSON, then stream/line pairs.
 /// Returns {0}, {-2, current fence} when fenced, {-1} without a run.
 const WRITE_RUN: &str = r"
 local current = tonumber(redis.call('HGET', KEYS[1], 'fence') or '0')
@@ -227,15 +228,16 @@ local function last_index(key)
   if #last > 0 then return tonumber(string.match(last[1][1], '^(%d+)')) end
   return 0
 end
-local n_events = tonumber(ARGV[6])
+if ARGV[6] ~= '' then redis.call('SREM', KEYS[7], ARGV[6]) end
+local n_events = tonumber(ARGV[7])
 if n_events > 0 then
   local n = last_index(KEYS[3])
-  for i = 7, 6 + n_events do
+  for i = 8, 7 + n_events do
     n = n + 1
     redis.call('XADD', KEYS[3], string.format('%d-0', n), 'at', ARGV[2], 'kind', ARGV[i])
   end
 end
-local first_log = 7 + n_events
+local first_log = 8 + n_events
 if first_log < #ARGV then
   local n = last_index(KEYS[4])
   for i = first_log, #ARGV - 1, 2 do
@@ -1292,6 +1294,12 @@ impl RunStore for RedisStore {
         let at = &timestamp_arg(Utc::now());
         let seq = &write.seq.map(|s| s.to_string()).unwrap_or_default();
         let batch = write.batch;
+        let slot_scope = write.release_slot.as_deref().unwrap_or_default();
+        let slot_member = &if write.release_slot.is_some() {
+            id.to_string()
+        } else {
+            String::new()
+        };
         let reply: Vec<i64> = inner
             .call(move |mut conn| async move {
                 let mut invocation = inner
@@ -1304,11 +1312,13 @@ impl RunStore for RedisStore {
                     .key(inner.logs_key(id, LogSource::Agent))
                     .key(inner.key(&format!("seq:{id}")))
                     .key(inner.key(&format!("applied:{id}")))
+                    .key(inner.key(&format!("slots:{slot_scope}")))
                     .arg(lease.fence)
                     .arg(at)
                     .arg(seq)
                     .arg(record)
                     .arg(batch)
+                    .arg(slot_member)
                     .arg(events.len());
                 for event in events {
                     invocation.arg(event);

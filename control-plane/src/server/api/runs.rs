@@ -503,13 +503,7 @@ pub async fn stop_run(
     let record = load_run(&state, id).await?;
     let grace_s = body.and_then(|b| b.into_inner().grace_s);
     if !record.state.is_terminal() {
-        if let Some(run) = state.registry.get(id) {
-            run.send(StopRun { grace_s })
-                .await
-                .map_err(|err| ApiError::internal(format!("run {id} is not reachable: {err}")))?;
-        } else {
-            route_command(&state, id, RunCommand::Stop { grace_s }).await?;
-        }
+        deliver(&state, id, RunCommand::Stop { grace_s }).await?;
     }
     Ok(HttpResponse::Accepted().json(load_run(&state, id).await?))
 }
@@ -527,20 +521,35 @@ pub async fn kill_run(
     let id = parse_run_id(&id)?;
     let record = load_run(&state, id).await?;
     if !record.state.is_terminal() {
-        if let Some(run) = state.registry.get(id) {
-            run.send(KillRun {
-                reason: "kill requested through the API".into(),
-            })
-            .await
-            .map_err(|err| ApiError::internal(format!("run {id} is not reachable: {err}")))?;
-        } else {
-            let command = RunCommand::Kill {
-                reason: Some("kill requested through the API".into()),
-            };
-            route_command(&state, id, command).await?;
-        }
+        let command = RunCommand::Kill {
+            reason: Some("kill requested through the API".into()),
+        };
+        deliver(&state, id, command).await?;
     }
     Ok(HttpResponse::Accepted().json(load_run(&state, id).await?))
+}
+
+/// A stop or kill: to the run's actor when this replica drives the run, else (also when the
+/// actor has just stepped down because the run moved) through the store to its owner.
+async fn deliver(state: &AppState, id: RunId, command: RunCommand) -> Result<(), ApiError> {
+    if let Some(run) = state.registry.get(id) {
+        let sent = match &command {
+            RunCommand::Stop { grace_s } => run.send(StopRun { grace_s: *grace_s }).await,
+            RunCommand::Kill { reason } => {
+                run.send(KillRun {
+                    reason: reason.clone().unwrap_or_default(),
+                })
+                .await
+            }
+        };
+        match sent {
+            Ok(()) => return Ok(()),
+            Err(err) => {
+                tracing::info!(run_id = %id, error = %err, "run actor gone; routing the command")
+            }
+        }
+    }
+    route_command(state, id, command).await
 }
 
 /// A command for a run another replica drives: queued in the store for its owner, who is
