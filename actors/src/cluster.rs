@@ -100,6 +100,10 @@ impl ReplicaKeeper {
         let stats = self.stats.clone();
         let work = async move {
             let store = &deps.store;
+            match store.live_replicas().await {
+                Ok(live) => deps.metrics.replicas_live.record(live.len() as u64, &[]),
+                Err(err) => tracing::debug!(error = %err, "could not list live replicas"),
+            }
             match store.orphaned_runs().await {
                 Ok(orphans) => {
                     for id in orphans {

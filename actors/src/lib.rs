@@ -3,6 +3,7 @@
 //! stand on (`Provider`, `RunStore`, `ToolHost`).
 
 pub mod cluster;
+pub mod metrics;
 pub mod model;
 pub mod provider;
 pub mod reconciler;

@@ -18,8 +18,10 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use chrono::Utc;
+use opentelemetry::KeyValue;
 use serde::Serialize;
 
+use crate::metrics::{attr, Metrics};
 use crate::model::{EventKind, Failure, FailureKind, RunId, RunRecord, RunState, Termination};
 use crate::provider::{labels, SandboxInfo};
 use crate::router::{KillSandbox, ListProviders, ListSandboxes, ProviderRouter};
@@ -79,6 +81,7 @@ pub struct Reconciler {
     interval: Duration,
     counters: ReconcilerCounters,
     busy: bool,
+    metrics: Arc<Metrics>,
 }
 
 impl Reconciler {
@@ -99,7 +102,14 @@ impl Reconciler {
             interval,
             counters: ReconcilerCounters::default(),
             busy: false,
+            metrics: Metrics::noop(),
         }
+    }
+
+    /// Counts what the reconciler does in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     fn start_pass(&mut self, ctx: &mut Context<Self>) {
@@ -120,6 +130,17 @@ impl Reconciler {
             act.counters.sandboxes_removed += done.sandboxes_removed;
             act.counters.runs_failed += done.runs_failed;
             act.counters.errors += done.errors;
+            let actions = &act.metrics.reconciler_actions;
+            for (action, n) in [
+                ("pass", 1),
+                ("sandbox_removed", done.sandboxes_removed),
+                ("run_failed", done.runs_failed),
+                ("error", done.errors),
+            ] {
+                if n > 0 {
+                    actions.add(n, &[KeyValue::new(attr::RECONCILER_ACTION, action)]);
+                }
+            }
         }));
     }
 }

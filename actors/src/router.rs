@@ -4,14 +4,17 @@
 //! backoff, and counts the restart.
 
 use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
+use opentelemetry::KeyValue;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::metrics::{attr, Metrics};
 use crate::model::{Resources, RunId};
 use crate::provider::actor::{self, ProviderActor, ProviderExited};
 use crate::provider::{
@@ -112,6 +115,7 @@ struct Slot {
 pub struct ProviderRouter {
     slots: BTreeMap<String, Slot>,
     settings: SupervisorSettings,
+    metrics: Arc<Metrics>,
 }
 
 impl ProviderRouter {
@@ -138,7 +142,70 @@ impl ProviderRouter {
                 )
             })
             .collect();
-        ProviderRouter { slots, settings }
+        ProviderRouter {
+            slots,
+            settings,
+            metrics: Metrics::noop(),
+        }
+    }
+
+    /// Reports provider health, restarts and errors to `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Records a provider's health as the `codebolt.provider.healthy` gauge.
+    fn report_health(&self, name: &str) {
+        if let Some(slot) = self.slots.get(name) {
+            self.metrics.provider_healthy.record(
+                u64::from(slot.health.healthy && slot.addr.is_some()),
+                &[
+                    KeyValue::new(attr::PROVIDER, name.to_string()),
+                    KeyValue::new(attr::PROVIDER_KIND, slot.spec.kind.clone()),
+                ],
+            );
+        }
+    }
+
+    /// A provider operation through the provider's actor, its failure counted by kind.
+    fn call<M, T>(
+        &self,
+        provider: &str,
+        operation: &'static str,
+        msg: M,
+    ) -> impl Future<Output = Result<T, ProviderError>> + 'static
+    where
+        M: Message<Result = Result<T, ProviderError>> + Send + 'static,
+        T: Send + 'static,
+        ProviderActor: Handler<M>,
+    {
+        let addr = self.addr(provider);
+        let metrics = self.metrics.clone();
+        let provider = provider.to_string();
+        async move {
+            let res = match addr {
+                Ok(addr) => match addr.send(msg).await {
+                    Ok(res) => res,
+                    Err(err) => Err(ProviderError::Operation {
+                        operation,
+                        message: format!("provider actor unavailable: {err}"),
+                    }),
+                },
+                Err(err) => Err(err),
+            };
+            if let Err(err) = &res {
+                metrics.provider_errors.add(
+                    1,
+                    &[
+                        KeyValue::new(attr::PROVIDER, provider),
+                        KeyValue::new(attr::OPERATION, operation),
+                        KeyValue::new(attr::ERROR_TYPE, err.kind()),
+                    ],
+                );
+            }
+            res
+        }
     }
 
     /// Builds and starts the provider actor of `name` from its factory.
@@ -160,6 +227,7 @@ impl ProviderRouter {
                     healthy: true,
                     message: None,
                 };
+                self.report_health(name);
                 self.check_health(name, ctx);
             }
             Err(err) => {
@@ -172,6 +240,7 @@ impl ProviderRouter {
                 };
                 slot.consecutive_failures += 1;
                 let delay = backoff_delay(backoff, slot.consecutive_failures);
+                self.report_health(name);
                 let name = name.to_string();
                 ctx.run_later(delay, move |act, ctx| act.start_provider(&name, ctx));
             }
@@ -189,6 +258,7 @@ impl ProviderRouter {
                 .map(move |res, act, _| {
                     if let (Some(slot), Ok(health)) = (act.slots.get_mut(&name), res) {
                         slot.health = health;
+                        act.report_health(&name);
                     }
                 }),
         );
@@ -260,7 +330,11 @@ impl Handler<ProviderExited> for ProviderRouter {
             message: Some("restarting".into()),
         };
         let delay = backoff_delay(settings, slot.consecutive_failures);
+        self.metrics
+            .provider_restarts
+            .add(1, &[KeyValue::new(attr::PROVIDER, msg.name.clone())]);
         tracing::error!(provider = %msg.name, restarts = slot.restarts, delay_ms = delay.as_millis() as u64, "provider actor stopped; restarting");
+        self.report_health(&msg.name);
         let name = msg.name;
         ctx.run_later(delay, move |act, ctx| act.start_provider(&name, ctx));
     }
@@ -319,9 +393,8 @@ impl Handler<SpawnSandbox> for ProviderRouter {
     fn handle(&mut self, msg: SpawnSandbox, _: &mut Context<Self>) -> Self::Result {
         let provider = msg.provider;
         let run_id = msg.request.run_id;
-        let addr = self.addr(&provider);
         Box::pin(
-            async move { forward(addr?.send(actor::Spawn(msg.request)).await, "spawn") }
+            self.call(&provider, "spawn", actor::Spawn(msg.request))
                 .into_actor(self)
                 .map(move |res, act, _| {
                     if let (Ok(_), Some(slot)) = (&res, act.slots.get_mut(&provider)) {
@@ -378,29 +451,17 @@ pub struct ListSandboxes {
     pub labels: BTreeMap<String, String>,
 }
 
-fn forward<T>(
-    res: Result<Result<T, ProviderError>, MailboxError>,
-    operation: &'static str,
-) -> Result<T, ProviderError> {
-    res.map_err(|err| ProviderError::Operation {
-        operation,
-        message: format!("provider actor unavailable: {err}"),
-    })?
-}
-
 impl Handler<WaitSandbox> for ProviderRouter {
     type Result = ResponseFuture<Result<SandboxExit, ProviderError>>;
     fn handle(&mut self, msg: WaitSandbox, _: &mut Context<Self>) -> Self::Result {
-        let addr = self.addr(&msg.provider);
-        Box::pin(async move { forward(addr?.send(actor::Wait(msg.sandbox)).await, "wait") })
+        Box::pin(self.call(&msg.provider, "wait", actor::Wait(msg.sandbox)))
     }
 }
 
 impl Handler<TerminateSandbox> for ProviderRouter {
     type Result = ResponseFuture<Result<(), ProviderError>>;
     fn handle(&mut self, msg: TerminateSandbox, _: &mut Context<Self>) -> Self::Result {
-        let addr = self.addr(&msg.provider);
-        Box::pin(async move { forward(addr?.send(actor::Terminate(msg.sandbox)).await, "stop") })
+        Box::pin(self.call(&msg.provider, "stop", actor::Terminate(msg.sandbox)))
     }
 }
 
@@ -410,42 +471,35 @@ impl Handler<KillSandbox> for ProviderRouter {
         if let Some(slot) = self.slots.get_mut(&msg.provider) {
             slot.active.remove(&msg.run_id);
         }
-        let addr = self.addr(&msg.provider);
-        Box::pin(async move { forward(addr?.send(actor::Kill(msg.sandbox)).await, "kill") })
+        Box::pin(self.call(&msg.provider, "kill", actor::Kill(msg.sandbox)))
     }
 }
 
 impl Handler<SandboxLogs> for ProviderRouter {
     type Result = ResponseFuture<Result<LogStream, ProviderError>>;
     fn handle(&mut self, msg: SandboxLogs, _: &mut Context<Self>) -> Self::Result {
-        let addr = self.addr(&msg.provider);
-        Box::pin(async move {
-            forward(
-                addr?
-                    .send(actor::Logs {
-                        sandbox: msg.sandbox,
-                        follow: msg.follow,
-                    })
-                    .await,
-                "logs",
-            )
-        })
+        Box::pin(self.call(
+            &msg.provider,
+            "logs",
+            actor::Logs {
+                sandbox: msg.sandbox,
+                follow: msg.follow,
+            },
+        ))
     }
 }
 
 impl Handler<SandboxUsage> for ProviderRouter {
     type Result = ResponseFuture<Result<Option<crate::model::Usage>, ProviderError>>;
     fn handle(&mut self, msg: SandboxUsage, _: &mut Context<Self>) -> Self::Result {
-        let addr = self.addr(&msg.provider);
-        Box::pin(async move { forward(addr?.send(actor::ReadUsage(msg.sandbox)).await, "usage") })
+        Box::pin(self.call(&msg.provider, "usage", actor::ReadUsage(msg.sandbox)))
     }
 }
 
 impl Handler<ListSandboxes> for ProviderRouter {
     type Result = ResponseFuture<Result<Vec<SandboxInfo>, ProviderError>>;
     fn handle(&mut self, msg: ListSandboxes, _: &mut Context<Self>) -> Self::Result {
-        let addr = self.addr(&msg.provider);
-        Box::pin(async move { forward(addr?.send(actor::List(msg.labels)).await, "list") })
+        Box::pin(self.call(&msg.provider, "list", actor::List(msg.labels)))
     }
 }
 

@@ -183,6 +183,7 @@ fn harness(mode: SpawnMode) -> Harness {
             replica_id: "test-replica".into(),
         }),
         adopt_span: ::actors::run::detached_adopt_span,
+        metrics: ::actors::metrics::Metrics::noop(),
     };
     Harness {
         store,
@@ -335,6 +336,7 @@ async fn idle_timeout_stops_then_fails_idle_timeout() {
     tokio::time::sleep(Duration::from_secs(200)).await;
     run.send(ShimFrame {
         conn_id: 1,
+        queued: None,
         message: ShimMessage::Log {
             seq: 1,
             stream: agent_shim::protocol::LogStream::Stdout,
@@ -375,6 +377,7 @@ async fn run_ttl_is_not_reset_by_activity() {
         tokio::time::sleep(Duration::from_secs(5)).await;
         run.send(ShimFrame {
             conn_id: 1,
+            queued: None,
             message: ShimMessage::Log {
                 seq,
                 stream: agent_shim::protocol::LogStream::Stdout,
@@ -389,6 +392,7 @@ async fn run_ttl_is_not_reset_by_activity() {
     // The agent exits on the stop: the run still fails, with its own reason.
     run.send(ShimFrame {
         conn_id: 1,
+        queued: None,
         message: ShimMessage::Exited {
             seq: 6,
             code: Some(143),
@@ -414,6 +418,7 @@ async fn a_tool_call_timeout_answers_the_agent_and_the_run_goes_on() {
     let inbox = connect(&run, 1).await;
     run.send(ShimFrame {
         conn_id: 1,
+        queued: None,
         message: ShimMessage::ToolCall {
             seq: 1,
             call_id: "c1".into(),
@@ -481,6 +486,7 @@ async fn a_resumed_shim_resends_and_duplicates_are_dropped() {
     for seq in 1..=3 {
         run.send(ShimFrame {
             conn_id: 1,
+            queued: None,
             message: msg(seq, &format!("m{seq}")),
         })
         .await
@@ -499,6 +505,7 @@ async fn a_resumed_shim_resends_and_duplicates_are_dropped() {
     assert_eq!(welcome_last_acked, Some((3, false)));
     run.send(ShimFrame {
         conn_id: 1,
+        queued: None,
         message: msg(4, "from the old connection"),
     })
     .await
@@ -506,6 +513,7 @@ async fn a_resumed_shim_resends_and_duplicates_are_dropped() {
     for seq in 2..=4 {
         run.send(ShimFrame {
             conn_id: 2,
+            queued: None,
             message: msg(seq, &format!("m{seq}")),
         })
         .await

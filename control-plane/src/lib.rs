@@ -2,6 +2,7 @@
 
 pub mod bundle;
 pub mod config;
+pub mod prometheus;
 pub mod server;
 pub mod telemetry;
 pub mod tools;

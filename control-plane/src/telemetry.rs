@@ -1,19 +1,25 @@
-//! Logs and traces: a `tracing` subscriber writing text or JSON lines to stderr and, when an OTLP
-//! endpoint is configured, exporting spans over OTLP (gRPC or HTTP/protobuf) through
-//! `tracing-opentelemetry`. Settings come from the standard `OTEL_*` variables, read from an
+//! Logs, traces and metrics: a `tracing` subscriber writing text or JSON lines to stderr and, when
+//! an OTLP endpoint is configured, exporting spans over OTLP (gRPC or HTTP/protobuf) through
+//! `tracing-opentelemetry`; a meter provider read by `/metrics` and exported over OTLP likewise. Settings come from the standard `OTEL_*` variables, read from an
 //! explicit environment map.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use std::sync::OnceLock;
+
+use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::prometheus::PrometheusReader;
 
 /// Service name when `OTEL_SERVICE_NAME` is not set.
 pub const DEFAULT_SERVICE_NAME: &str = "codebolt-control-plane";
@@ -61,6 +67,46 @@ pub struct TelemetrySettings {
     pub resource_attributes: Vec<(String, String)>,
     /// None: spans are not exported (and nothing complains about a missing collector).
     pub otlp: Option<OtlpSettings>,
+    /// None: metrics are not exported over OTLP (`/metrics` serves them either way).
+    pub metrics_otlp: Option<OtlpSettings>,
+    /// How often metrics are exported (`OTEL_METRIC_EXPORT_INTERVAL`, ms).
+    pub metric_interval: Duration,
+}
+
+/// The variables and URL path of one OTLP signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Traces,
+    Metrics,
+}
+
+struct SignalVars {
+    endpoint: &'static str,
+    protocol: &'static str,
+    headers: &'static str,
+    timeout: &'static str,
+    path: &'static str,
+}
+
+impl Signal {
+    fn vars(self) -> SignalVars {
+        match self {
+            Signal::Traces => SignalVars {
+                endpoint: "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                protocol: "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+                headers: "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+                timeout: "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+                path: "/v1/traces",
+            },
+            Signal::Metrics => SignalVars {
+                endpoint: "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+                protocol: "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+                headers: "OTEL_EXPORTER_OTLP_METRICS_HEADERS",
+                timeout: "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT",
+                path: "/v1/metrics",
+            },
+        }
+    }
 }
 
 fn non_empty<'a>(env: &'a HashMap<String, String>, var: &str) -> Option<&'a str> {
@@ -86,9 +132,10 @@ fn key_values(var: &'static str, raw: &str) -> Result<Vec<(String, String)>, Tel
 
 impl TelemetrySettings {
     /// Reads `CODEBOLT_LOG_FORMAT` (`text` or `json`), `RUST_LOG`, `OTEL_SERVICE_NAME`,
-    /// `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`, `…_PROTOCOL`
-    /// (`grpc`, `http/protobuf`), `…_HEADERS` and `…_TIMEOUT` (ms). `OTEL_SDK_DISABLED=true` or
-    /// `OTEL_TRACES_EXPORTER=none` turn export off.
+    /// `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]ENDPOINT`, `…_PROTOCOL`
+    /// (`grpc`, `http/protobuf`), `…_HEADERS` and `…_TIMEOUT` (ms), `OTEL_METRIC_EXPORT_INTERVAL`
+    /// (ms). `OTEL_SDK_DISABLED=true` turns export off, `OTEL_TRACES_EXPORTER=none` and
+    /// `OTEL_METRICS_EXPORTER=none` one signal's.
     pub fn from_env(
         env: &HashMap<String, String>,
         default_filter: &str,
@@ -113,22 +160,50 @@ impl TelemetrySettings {
             Some(raw) => key_values("OTEL_RESOURCE_ATTRIBUTES", raw)?,
             None => Vec::new(),
         };
-        let disabled = non_empty(env, "OTEL_SDK_DISABLED") == Some("true")
-            || non_empty(env, "OTEL_TRACES_EXPORTER") == Some("none");
-        let otlp = if disabled { None } else { otlp_settings(env)? };
+        let sdk_disabled = non_empty(env, "OTEL_SDK_DISABLED") == Some("true");
+        let otlp = if sdk_disabled || non_empty(env, "OTEL_TRACES_EXPORTER") == Some("none") {
+            None
+        } else {
+            otlp_settings(env, Signal::Traces)?
+        };
+        let metrics_otlp =
+            if sdk_disabled || non_empty(env, "OTEL_METRICS_EXPORTER") == Some("none") {
+                None
+            } else {
+                otlp_settings(env, Signal::Metrics)?
+            };
+        let interval_var = "OTEL_METRIC_EXPORT_INTERVAL";
+        let metric_interval = match non_empty(env, interval_var) {
+            None => Duration::from_secs(60),
+            Some(raw) => match raw.parse::<u64>() {
+                Ok(ms) if ms > 0 => Duration::from_millis(ms),
+                _ => {
+                    return Err(TelemetryError::InvalidEnv {
+                        var: interval_var,
+                        message: format!("'{raw}' is not a positive number of milliseconds"),
+                    })
+                }
+            },
+        };
         Ok(TelemetrySettings {
             log_format,
             filter,
             service_name,
             resource_attributes,
             otlp,
+            metrics_otlp,
+            metric_interval,
         })
     }
 }
 
-fn otlp_settings(env: &HashMap<String, String>) -> Result<Option<OtlpSettings>, TelemetryError> {
-    let protocol_var = if non_empty(env, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").is_some() {
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+fn otlp_settings(
+    env: &HashMap<String, String>,
+    signal: Signal,
+) -> Result<Option<OtlpSettings>, TelemetryError> {
+    let vars = signal.vars();
+    let protocol_var = if non_empty(env, vars.protocol).is_some() {
+        vars.protocol
     } else {
         "OTEL_EXPORTER_OTLP_PROTOCOL"
     };
@@ -137,37 +212,34 @@ fn otlp_settings(env: &HashMap<String, String>) -> Result<Option<OtlpSettings>, 
         Some("grpc") => OtlpProtocol::Grpc,
         Some(other) => {
             return Err(TelemetryError::InvalidEnv {
-                var: if protocol_var.contains("TRACES") {
-                    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
-                } else {
-                    "OTEL_EXPORTER_OTLP_PROTOCOL"
-                },
+                var: protocol_var,
                 message: format!("'{other}' is not supported (expected grpc or http/protobuf)"),
             })
         }
     };
     // The signal-specific endpoint is used as is; the generic one gets the signal's path for HTTP.
     let endpoint = match (
-        non_empty(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+        non_empty(env, vars.endpoint),
         non_empty(env, "OTEL_EXPORTER_OTLP_ENDPOINT"),
     ) {
-        (Some(traces), _) => traces.to_string(),
+        (Some(specific), _) => specific.to_string(),
         (None, Some(base)) if protocol == OtlpProtocol::HttpProtobuf => {
-            format!("{}/v1/traces", base.trim_end_matches('/'))
+            format!("{}{}", base.trim_end_matches('/'), vars.path)
         }
         (None, Some(base)) => base.to_string(),
         (None, None) => return Ok(None),
     };
     let mut headers = HashMap::new();
-    for var in [
-        "OTEL_EXPORTER_OTLP_HEADERS",
-        "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
-    ] {
+    for var in ["OTEL_EXPORTER_OTLP_HEADERS", vars.headers] {
         if let Some(raw) = non_empty(env, var) {
             headers.extend(key_values(var, raw)?);
         }
     }
-    let timeout_var = "OTEL_EXPORTER_OTLP_TIMEOUT";
+    let timeout_var = if non_empty(env, vars.timeout).is_some() {
+        vars.timeout
+    } else {
+        "OTEL_EXPORTER_OTLP_TIMEOUT"
+    };
     let timeout = match non_empty(env, timeout_var) {
         None => Duration::from_secs(10),
         Some(raw) => {
@@ -185,9 +257,10 @@ fn otlp_settings(env: &HashMap<String, String>) -> Result<Option<OtlpSettings>, 
     }))
 }
 
-/// Installed telemetry; `shutdown` flushes spans still buffered.
+/// Installed telemetry; `shutdown` flushes spans and metrics still buffered.
 pub struct Telemetry {
     provider: SdkTracerProvider,
+    metrics: MetricsPipeline,
     exporting: bool,
 }
 
@@ -196,19 +269,25 @@ impl Telemetry {
         self.exporting
     }
 
-    /// Exports what is buffered and stops the exporter.
+    /// The process's metrics (what `/metrics` serves and OTLP exports).
+    pub fn metrics(&self) -> &MetricsPipeline {
+        &self.metrics
+    }
+
+    /// Exports what is buffered and stops the exporters.
     pub fn shutdown(self) {
         if let Err(err) = self.provider.force_flush() {
             eprintln!("telemetry: flushing spans failed: {err}");
         }
         if let Err(err) = self.provider.shutdown() {
-            eprintln!("telemetry: shutting the exporter down failed: {err}");
+            eprintln!("telemetry: shutting the span exporter down failed: {err}");
         }
+        self.metrics.shutdown();
     }
 }
 
-fn build_provider(settings: &TelemetrySettings) -> Result<SdkTracerProvider, TelemetryError> {
-    let resource = Resource::builder()
+fn resource(settings: &TelemetrySettings) -> Resource {
+    Resource::builder()
         .with_service_name(settings.service_name.clone())
         .with_attributes(
             settings
@@ -216,39 +295,48 @@ fn build_provider(settings: &TelemetrySettings) -> Result<SdkTracerProvider, Tel
                 .iter()
                 .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
         )
-        .build();
-    let mut builder = SdkTracerProvider::builder().with_resource(resource);
-    if let Some(otlp) = &settings.otlp {
-        let exporter_error =
-            |err: opentelemetry_otlp::ExporterBuildError| TelemetryError::Exporter {
-                endpoint: otlp.endpoint.clone(),
-                message: err.to_string(),
-            };
-        let exporter = match otlp.protocol {
-            OtlpProtocol::Grpc => {
-                let mut metadata = tonic::metadata::MetadataMap::new();
-                for (k, v) in &otlp.headers {
-                    let key =
-                        tonic::metadata::MetadataKey::from_bytes(k.as_bytes()).map_err(|_| {
-                            TelemetryError::InvalidEnv {
-                                var: "OTEL_EXPORTER_OTLP_HEADERS",
-                                message: format!("'{k}' is not a valid header name"),
-                            }
-                        })?;
-                    let value = v.parse().map_err(|_| TelemetryError::InvalidEnv {
-                        var: "OTEL_EXPORTER_OTLP_HEADERS",
-                        message: format!("the value of '{k}' is not a valid header value"),
-                    })?;
-                    metadata.insert(key, value);
-                }
-                opentelemetry_otlp::SpanExporter::builder()
-                    .with_tonic()
-                    .with_endpoint(otlp.endpoint.clone())
-                    .with_timeout(otlp.timeout)
-                    .with_metadata(metadata)
-                    .build()
-                    .map_err(exporter_error)?
+        .build()
+}
+
+fn exporter_error(
+    otlp: &OtlpSettings,
+) -> impl Fn(opentelemetry_otlp::ExporterBuildError) -> TelemetryError + '_ {
+    |err| TelemetryError::Exporter {
+        endpoint: otlp.endpoint.clone(),
+        message: err.to_string(),
+    }
+}
+
+/// `OTEL_EXPORTER_OTLP_HEADERS` as gRPC metadata.
+fn grpc_metadata(otlp: &OtlpSettings) -> Result<tonic::metadata::MetadataMap, TelemetryError> {
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    for (k, v) in &otlp.headers {
+        let key = tonic::metadata::MetadataKey::from_bytes(k.as_bytes()).map_err(|_| {
+            TelemetryError::InvalidEnv {
+                var: "OTEL_EXPORTER_OTLP_HEADERS",
+                message: format!("'{k}' is not a valid header name"),
             }
+        })?;
+        let value = v.parse().map_err(|_| TelemetryError::InvalidEnv {
+            var: "OTEL_EXPORTER_OTLP_HEADERS",
+            message: format!("the value of '{k}' is not a valid header value"),
+        })?;
+        metadata.insert(key, value);
+    }
+    Ok(metadata)
+}
+
+fn build_provider(settings: &TelemetrySettings) -> Result<SdkTracerProvider, TelemetryError> {
+    let mut builder = SdkTracerProvider::builder().with_resource(resource(settings));
+    if let Some(otlp) = &settings.otlp {
+        let exporter = match otlp.protocol {
+            OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(otlp.endpoint.clone())
+                .with_timeout(otlp.timeout)
+                .with_metadata(grpc_metadata(otlp)?)
+                .build()
+                .map_err(exporter_error(otlp))?,
             OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
                 .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
@@ -256,17 +344,102 @@ fn build_provider(settings: &TelemetrySettings) -> Result<SdkTracerProvider, Tel
                 .with_timeout(otlp.timeout)
                 .with_headers(otlp.headers.clone())
                 .build()
-                .map_err(exporter_error)?,
+                .map_err(exporter_error(otlp))?,
         };
         builder = builder.with_batch_exporter(exporter);
     }
     Ok(builder.build())
 }
 
-/// Installs the global subscriber: log lines to stderr and, with OTLP settings, span export.
-/// Spans always carry OpenTelemetry trace ids (so runs have one), exported or not.
+/// The metrics of a process: one meter provider read by `/metrics` on demand and, when
+/// configured, exported over OTLP periodically.
+#[derive(Debug, Clone)]
+pub struct MetricsPipeline {
+    provider: SdkMeterProvider,
+    prometheus: PrometheusReader,
+}
+
+impl MetricsPipeline {
+    /// Metrics for `/metrics` only (no OTLP export).
+    pub fn local() -> MetricsPipeline {
+        let prometheus = PrometheusReader::default();
+        MetricsPipeline {
+            provider: SdkMeterProvider::builder()
+                .with_reader(prometheus.clone())
+                .build(),
+            prometheus,
+        }
+    }
+
+    fn build(settings: &TelemetrySettings) -> Result<MetricsPipeline, TelemetryError> {
+        let prometheus = PrometheusReader::default();
+        let mut builder = SdkMeterProvider::builder()
+            .with_resource(resource(settings))
+            .with_reader(prometheus.clone());
+        if let Some(otlp) = &settings.metrics_otlp {
+            let exporter = match otlp.protocol {
+                OtlpProtocol::Grpc => opentelemetry_otlp::MetricExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(otlp.endpoint.clone())
+                    .with_timeout(otlp.timeout)
+                    .with_metadata(grpc_metadata(otlp)?)
+                    .build()
+                    .map_err(exporter_error(otlp))?,
+                OtlpProtocol::HttpProtobuf => opentelemetry_otlp::MetricExporter::builder()
+                    .with_http()
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .with_endpoint(otlp.endpoint.clone())
+                    .with_timeout(otlp.timeout)
+                    .with_headers(otlp.headers.clone())
+                    .build()
+                    .map_err(exporter_error(otlp))?,
+            };
+            builder = builder.with_reader(
+                PeriodicReader::builder(exporter)
+                    .with_interval(settings.metric_interval)
+                    .build(),
+            );
+        }
+        Ok(MetricsPipeline {
+            provider: builder.build(),
+            prometheus,
+        })
+    }
+
+    /// The control plane's meter.
+    pub fn meter(&self) -> opentelemetry::metrics::Meter {
+        self.provider.meter("codebolt")
+    }
+
+    /// Every instrument's current value in the Prometheus text format.
+    pub fn render(&self) -> Result<String, String> {
+        self.prometheus.render()
+    }
+
+    /// Exports what is pending and stops the exporter.
+    pub fn shutdown(&self) {
+        if let Err(err) = self.provider.force_flush() {
+            eprintln!("telemetry: flushing metrics failed: {err}");
+        }
+        if let Err(err) = self.provider.shutdown() {
+            eprintln!("telemetry: shutting the metric exporter down failed: {err}");
+        }
+    }
+}
+
+static INSTALLED_METRICS: OnceLock<MetricsPipeline> = OnceLock::new();
+
+/// The metrics pipeline `init` installed for this process, if it did.
+pub fn installed_metrics() -> Option<MetricsPipeline> {
+    INSTALLED_METRICS.get().cloned()
+}
+
+/// Installs the global subscriber: log lines to stderr and, with OTLP settings, span export; and
+/// the process's metrics pipeline. Spans always carry OpenTelemetry trace ids (so runs have one),
+/// exported or not.
 pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, TelemetryError> {
     let provider = build_provider(settings)?;
+    let metrics = MetricsPipeline::build(settings)?;
     let tracer = provider.tracer("codebolt");
     let filter =
         EnvFilter::try_new(&settings.filter).map_err(|err| TelemetryError::InvalidEnv {
@@ -290,9 +463,15 @@ pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, TelemetryError> {
         .with(tracing_opentelemetry::layer().with_tracer(tracer))
         .try_init()
         .map_err(|err| TelemetryError::AlreadyInstalled(err.to_string()))?;
+    if INSTALLED_METRICS.set(metrics.clone()).is_err() {
+        return Err(TelemetryError::AlreadyInstalled(
+            "a metrics pipeline is already installed".into(),
+        ));
+    }
     Ok(Telemetry {
         exporting: settings.otlp.is_some(),
         provider,
+        metrics,
     })
 }
 

@@ -203,7 +203,7 @@ async fn a_server_on_a_public_address_requires_api_tokens() {
         .await
         .unwrap();
     assert!(
-        text.contains("codebolt_provider_healthy{provider=\"local\""),
+        text.contains("codebolt_provider_healthy{codebolt_provider=\"local\""),
         "{text}"
     );
     server.stop().await.unwrap();

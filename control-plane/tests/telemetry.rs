@@ -1,5 +1,6 @@
-//! One run, one trace: an OTLP receiver in-process (the collector's gRPC trace service), the
-//! control plane exporting to it, a real run with tool calls, and the spans checked as a tree.
+//! One run, one trace: an OTLP receiver in-process (the collector's gRPC trace and metrics
+//! services), the control plane exporting to it, a real run with tool calls, the spans checked as
+//! a tree and the metrics checked by name, over OTLP and on `/metrics`.
 
 mod common;
 
@@ -29,6 +30,7 @@ async fn a_run_is_one_trace_with_the_named_spans() {
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".to_string()),
         ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}")),
         ("OTEL_SERVICE_NAME", "codebolt-test".to_string()),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "500".to_string()),
         ("RUST_LOG", "info".to_string()),
     ]
     .into_iter()
@@ -61,12 +63,37 @@ async fn a_run_is_one_trace_with_the_named_spans() {
             "{event}"
         );
     }
+    // The same metrics in Prometheus text, names as an OTLP-to-Prometheus translation makes them.
+    let text = server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    for expected in [
+        "codebolt_tool_call_duration_seconds_bucket{gen_ai_tool_name=\"fs.read_file\",le=\"+Inf\"} 1",
+        "codebolt_tool_call_duration_seconds_count{gen_ai_tool_name=\"fs.list_dir\"} 1",
+        "codebolt_runs_created_total{codebolt_provider=\"local\"} 1",
+        "codebolt_runs_finished_total{codebolt_provider=\"local\",codebolt_run_state=\"succeeded\"} 1",
+        "# TYPE codebolt_sandbox_spawn_duration_seconds histogram",
+        "# TYPE codebolt_sandbox_connect_duration_seconds histogram",
+        "codebolt_queue_depth{codebolt_queue=\"run_mailbox\"}",
+        "# TYPE codebolt_connections_active gauge",
+        "codebolt_provider_healthy{codebolt_provider=\"local\",codebolt_provider_kind=\"local\"} 1",
+    ] {
+        assert!(text.contains(expected), "no '{expected}' in /metrics:\n{text}");
+    }
     server.stop().await;
     // The run actor has stopped, closing the root span; flush what is buffered.
     tokio::time::sleep(Duration::from_millis(200)).await;
     tokio::task::spawn_blocking(move || telemetry.shutdown())
         .await
         .unwrap();
+
+    check_exported_metrics(&receiver);
 
     let spans = receiver.spans();
     let trace_id = hex::decode(&done.trace_id).expect("hex trace id");
@@ -117,4 +144,52 @@ async fn a_run_is_one_trace_with_the_named_spans() {
         .iter()
         .filter(|s| s.name == "tool.call")
         .all(|s| attr(s, "tool.result_bytes").is_some()));
+}
+
+/// Metrics exported over OTLP: every instrument a successful local run touches, with its unit and
+/// attributes, names taken from the catalog the control plane builds its instruments from.
+fn check_exported_metrics(receiver: &Receiver) {
+    use actors::metrics as m;
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    let metrics = receiver.metrics();
+    let names: std::collections::BTreeSet<&str> =
+        metrics.iter().map(|metric| metric.name.as_str()).collect();
+    // Redis round trips, provider errors and restarts, and live replicas need a store, a failure
+    // or a cluster; everything else shows up after one run.
+    let not_here = [
+        m::STORE_DURATION.name,
+        m::PROVIDER_ERRORS.name,
+        m::PROVIDER_RESTARTS.name,
+        m::REPLICAS_LIVE.name,
+    ];
+    for def in m::CATALOG.iter().filter(|d| !not_here.contains(&d.name)) {
+        assert!(
+            names.contains(def.name),
+            "{} not exported; got {names:?}",
+            def.name
+        );
+    }
+    let tool_calls = metrics
+        .iter()
+        .rfind(|metric| metric.name == m::TOOL_CALL_DURATION.name)
+        .expect("tool-call histogram");
+    assert_eq!(tool_calls.unit, "s");
+    let Some(Data::Histogram(histogram)) = &tool_calls.data else {
+        panic!("tool-call duration is not a histogram: {tool_calls:?}");
+    };
+    let tools: std::collections::BTreeSet<String> = histogram
+        .data_points
+        .iter()
+        .filter_map(|point| {
+            point
+                .attributes
+                .iter()
+                .find(|kv| kv.key == m::attr::TOOL_NAME)
+                .and_then(|kv| kv.value.as_ref())
+                .map(|v| format!("{:?}", v.value))
+        })
+        .collect();
+    assert_eq!(tools.len(), 2, "{tools:?}");
+    let total: u64 = histogram.data_points.iter().map(|p| p.count).sum();
+    assert_eq!(total, 2, "two tool calls measured");
 }

@@ -107,6 +107,19 @@ pub enum ProviderError {
     },
 }
 
+impl ProviderError {
+    /// A short, stable name of the error's kind (for metrics' `error.type`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProviderError::Unavailable { .. } => "unavailable",
+            ProviderError::ImagePull { .. } => "image_pull",
+            ProviderError::SandboxNotFound { .. } => "sandbox_not_found",
+            ProviderError::SpawnFailed { .. } => "spawn_failed",
+            ProviderError::Operation { .. } => "operation_failed",
+        }
+    }
+}
+
 /// Health of a provider as shown by `GET /v1/providers`.
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct ProviderHealth {

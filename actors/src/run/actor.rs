@@ -12,12 +12,14 @@ use agent_shim::protocol::{
 };
 use chrono::Utc;
 use futures_util::{FutureExt, StreamExt};
+use opentelemetry::KeyValue;
 use serde_json::Value;
 
 use super::messages::{
     CheckCommands, KillRun, ShimFrame, ShimGone, ShimHello, StopRun, Superseded,
 };
 use super::state::{transition, Action, Ending, Input, Limits, Phase, Timer};
+use crate::metrics::{attr, Metrics, QueueCounter, QueueKind};
 use crate::model::{
     EventKind, Evidence, Failure, FailureKind, LogSource, RunId, RunRecord, RunState, Usage,
 };
@@ -180,6 +182,7 @@ pub struct RunDeps {
     pub registry: RunRegistry,
     pub settings: Arc<RunSettings>,
     pub adopt_span: AdoptSpan,
+    pub metrics: Arc<Metrics>,
 }
 
 /// The parts of a run's spec another replica needs to adopt it, kept in the store as
@@ -516,6 +519,11 @@ pub struct RunActor {
     ending_span: Option<tracing::Span>,
     /// An agent exit by SIGKILL, held until the sandbox's end says whether it was an OOM kill.
     held_exit: Option<Input>,
+    /// When the provider was asked for the sandbox, and when the sandbox was up.
+    spawn_started: Option<Instant>,
+    spawned_at: Option<Instant>,
+    /// Shim frames handed to this actor and not yet handled.
+    mailbox: QueueCounter,
 }
 
 /// How long a SIGKILLed agent's exit waits for the sandbox's end (and its OOM verdict).
@@ -560,8 +568,16 @@ impl RunActor {
             has_ttl: ttl.is_some(),
             timeout_grace_s: deps.settings.timeouts.stop_grace.as_secs(),
         };
+        if adopted.is_none() {
+            deps.metrics.runs_created.add(
+                1,
+                &[KeyValue::new(attr::PROVIDER, spec.record.provider.clone())],
+            );
+        }
         let addr = RunActor::create(move |ctx| {
             let (writes, rx) = tokio::sync::mpsc::channel(WRITE_QUEUE);
+            deps.metrics.queue(QueueKind::RunWriter).channel(&writes);
+            let mailbox = deps.metrics.queue(QueueKind::RunMailbox).counter();
             actix_rt::spawn(writer(
                 Writer {
                     id,
@@ -598,6 +614,9 @@ impl RunActor {
                 held_exit: None,
                 waiting_span: None,
                 ending_span: None,
+                spawn_started: None,
+                spawned_at: None,
+                mailbox,
             };
             if let Some(adopted) = adopted {
                 actor.take_over(adopted);
@@ -680,6 +699,19 @@ impl RunActor {
             self.record.failure = self.phase.failure.clone();
             self.record.termination = self.phase.termination;
             self.trace_state(after);
+            self.count_state(before, -1);
+            if after.is_terminal() {
+                let mut attributes = vec![
+                    KeyValue::new(attr::PROVIDER, self.record.provider.clone()),
+                    KeyValue::new(attr::RUN_STATE, after.as_str()),
+                ];
+                if let Some(failure) = &self.phase.failure {
+                    attributes.push(KeyValue::new(attr::ERROR_TYPE, failure.kind.as_str()));
+                }
+                self.deps.metrics.runs_finished.add(1, &attributes);
+            } else {
+                self.count_state(after, 1);
+            }
         }
         let finishing = outcome.actions.contains(&Action::Finish);
         for action in outcome.actions {
@@ -705,6 +737,20 @@ impl RunActor {
                 failure: None,
             };
             self.persist(vec![event], ctx);
+        }
+    }
+
+    /// Counts the run in (or out of) the replica's active runs by state; terminal states are not
+    /// active.
+    fn count_state(&self, state: RunState, delta: i64) {
+        if !state.is_terminal() {
+            self.deps.metrics.runs_active.add(
+                delta,
+                &[
+                    KeyValue::new(attr::PROVIDER, self.record.provider.clone()),
+                    KeyValue::new(attr::RUN_STATE, state.as_str()),
+                ],
+            );
         }
     }
 
@@ -791,6 +837,7 @@ impl RunActor {
     }
 
     fn spawn(&mut self, ctx: &mut Context<Self>) {
+        self.spawn_started = Some(Instant::now());
         let settings = self.deps.settings.clone();
         let minted = token::mint();
         let mut env = self.spec.env.clone();
@@ -972,6 +1019,17 @@ impl RunActor {
     }
 
     fn spawned(&mut self, res: Result<SandboxHandle, ProviderError>, ctx: &mut Context<Self>) {
+        if let Some(started) = self.spawn_started.take() {
+            let mut attributes = vec![KeyValue::new(attr::PROVIDER, self.record.provider.clone())];
+            if let Err(err) = &res {
+                attributes.push(KeyValue::new(attr::ERROR_TYPE, err.kind()));
+            }
+            Metrics::record(
+                &self.deps.metrics.spawn_duration,
+                started.elapsed(),
+                &attributes,
+            );
+        }
         match res {
             Ok(handle) if self.phase.state.is_terminal() => {
                 // Killed or stopped while provisioning, and the final write is queued: remove
@@ -985,6 +1043,7 @@ impl RunActor {
             }
             Ok(handle) => {
                 tracing::info!(run_id = %self.id, sandbox = %handle.id, host = %handle.remote_host, "sandbox created");
+                self.spawned_at = Some(Instant::now());
                 self.record.sandbox_id = Some(handle.id.clone());
                 self.record.remote_host = Some(handle.remote_host.clone());
                 self.sandbox = Some(handle.clone());
@@ -1325,7 +1384,13 @@ impl RunActor {
         else {
             return;
         };
-        let duration_ms = started.elapsed().as_millis() as u64;
+        let took = started.elapsed();
+        let duration_ms = took.as_millis() as u64;
+        let mut attributes = vec![KeyValue::new(attr::TOOL_NAME, tool.clone())];
+        if let Err(failure) = &res {
+            attributes.push(KeyValue::new(attr::ERROR_TYPE, failure.code));
+        }
+        Metrics::record(&self.deps.metrics.tool_call_duration, took, &attributes);
         match &res {
             Ok(value) => {
                 span.record("outcome", "ok");
@@ -1452,6 +1517,7 @@ impl Actor for RunActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         // Mailbox sized for bursts of frames from a chatty shim.
         ctx.set_mailbox_capacity(4096);
+        self.count_state(self.phase.state, 1);
         if self.adopted {
             tracing::info!(run_id = %self.id, state = %self.phase.state, fence = self.lease.fence, "run adopted");
             self.apply(Input::Adopted, ctx);
@@ -1463,6 +1529,8 @@ impl Actor for RunActor {
 
     fn stopped(&mut self, ctx: &mut Context<Self>) {
         self.deps.registry.remove(self.id, &ctx.address());
+        // A run handed to another replica stops counting here.
+        self.count_state(self.phase.state, -1);
         tracing::debug!(run_id = %self.id, state = %self.phase.state, "run actor stopped");
     }
 }
@@ -1595,7 +1663,7 @@ impl Handler<Superseded> for RunActor {
 pub const CLOSE_RUN_MOVED: u16 = 4001;
 
 impl Handler<ShimHello> for RunActor {
-    type Result = Result<(), TokenError>;
+    type Result = Result<QueueCounter, TokenError>;
     fn handle(&mut self, msg: ShimHello, ctx: &mut Context<Self>) -> Self::Result {
         self.refuse_if_ended()?;
         if let Some(old) = self.connection.take() {
@@ -1626,6 +1694,13 @@ impl Handler<ShimHello> for RunActor {
             start_agent: !self.agent_started,
         };
         self.agent_started = true;
+        if let Some(spawned) = self.spawned_at.take() {
+            Metrics::record(
+                &self.deps.metrics.connect_duration,
+                spawned.elapsed(),
+                &[KeyValue::new(attr::PROVIDER, self.record.provider.clone())],
+            );
+        }
         self.connection = Some(Connection {
             id: msg.conn_id,
             conn: msg.conn,
@@ -1656,7 +1731,7 @@ impl Handler<ShimHello> for RunActor {
             ctx,
         );
         self.apply(Input::ShimConnected, ctx);
-        Ok(())
+        Ok(self.mailbox.clone())
     }
 }
 

@@ -3,6 +3,7 @@
 use actix::prelude::*;
 use agent_shim::protocol::ShimMessage;
 
+use crate::metrics::{QueueCounter, QueuedMessage};
 use crate::sandbox_connection::messages::ToShim;
 use crate::token::TokenError;
 
@@ -22,7 +23,7 @@ pub struct KillRun {
 
 /// A shim said hello on a connection whose token is valid for this run.
 #[derive(Message)]
-#[rtype(result = "Result<(), TokenError>")]
+#[rtype(result = "Result<QueueCounter, TokenError>")]
 pub struct ShimHello {
     pub conn_id: u64,
     pub conn: Recipient<ToShim>,
@@ -37,6 +38,8 @@ pub struct ShimHello {
 pub struct ShimFrame {
     pub conn_id: u64,
     pub message: ShimMessage,
+    /// Counts the frame in the run actor's mailbox until it is handled.
+    pub queued: Option<QueuedMessage>,
 }
 
 /// The connection went away.

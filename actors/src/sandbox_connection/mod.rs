@@ -14,6 +14,7 @@ use agent_shim::protocol::{ServerMessage, ShimMessage, CLOSE_POLICY_VIOLATION, M
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use crate::metrics::{QueueCounter, QueueKind};
 use crate::model::RunId;
 use crate::run::actor::check_protocol_version;
 use crate::run::messages::{ShimFrame, ShimGone, ShimHello};
@@ -53,6 +54,8 @@ enum Stage {
     Attached {
         run_id: RunId,
         run: Addr<RunActor>,
+        /// Counts frames handed to the run actor until it handled them.
+        mailbox: QueueCounter,
     },
 }
 
@@ -76,6 +79,10 @@ impl SandboxConnection {
         deps: ConnectionDeps,
     ) -> Addr<SandboxConnection> {
         let (out, rx) = mpsc::channel(OUTBOUND_CAPACITY);
+        deps.run_deps
+            .metrics
+            .queue(QueueKind::ConnectionOutbound)
+            .channel(&out);
         actix_rt::spawn(write_frames(session, rx));
         let stream: AggregatedMessageStream = stream
             .max_frame_size(MAX_FRAME_BYTES)
@@ -204,7 +211,7 @@ impl SandboxConnection {
                                 }
                             },
                         };
-                        run.send(ShimHello {
+                        let mailbox = run.send(ShimHello {
                             conn_id,
                             conn: recipient,
                             host,
@@ -219,14 +226,18 @@ impl SandboxConnection {
                                 message: format!("run {run_id} is moving between replicas"),
                             })
                         })??;
-                        Ok::<_, TokenError>(run)
+                        Ok::<_, TokenError>((run, mailbox))
                     }
                     .into_actor(self)
                     .map(move |res, act, ctx| match res {
-                        Ok(run) => {
+                        Ok((run, mailbox)) => {
                             // The shim could send nothing while it waited for its welcome.
                             act.last_seen = Instant::now();
-                            act.stage = Stage::Attached { run_id, run };
+                            act.stage = Stage::Attached {
+                                run_id,
+                                run,
+                                mailbox,
+                            };
                         }
                         Err(TokenError::Store(err)) => {
                             // Not the shim's fault: it reconnects and tries again.
@@ -252,10 +263,11 @@ impl SandboxConnection {
                 self.reject("duplicate_hello", "hello was already received".into(), ctx)
             }
             (Stage::Attached { .. }, ShimMessage::Heartbeat { .. }) => {}
-            (Stage::Attached { run, .. }, message) => {
+            (Stage::Attached { run, mailbox, .. }, message) => {
                 let frame = ShimFrame {
                     conn_id: self.id,
                     message,
+                    queued: Some(mailbox.enter()),
                 };
                 if let Err(err) = run.try_send(frame) {
                     // Not acked, so the shim resends it after reconnecting.
@@ -273,6 +285,7 @@ impl Actor for SandboxConnection {
     fn started(&mut self, ctx: &mut Context<Self>) {
         // Frames for the shim (acks, results) queue here before the writer task takes them.
         ctx.set_mailbox_capacity(OUTBOUND_CAPACITY);
+        self.deps.run_deps.metrics.connections_active.add(1, &[]);
         if self.token.is_empty() {
             self.close(CLOSE_POLICY_VIOLATION, TokenError::Missing.to_string(), ctx);
             return;
@@ -290,7 +303,8 @@ impl Actor for SandboxConnection {
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
-        if let Stage::Attached { run, run_id } = &self.stage {
+        self.deps.run_deps.metrics.connections_active.add(-1, &[]);
+        if let Stage::Attached { run, run_id, .. } = &self.stage {
             tracing::debug!(conn = self.id, run_id = %run_id, "shim connection ended");
             run.do_send(ShimGone {
                 conn_id: self.id,

@@ -38,6 +38,20 @@ pub enum StoreError {
     Backend { message: String },
 }
 
+impl StoreError {
+    /// A short, stable name of the error's kind (for metrics' `error.type`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Unavailable { .. } => "unavailable",
+            StoreError::RunNotFound { .. } => "run_not_found",
+            StoreError::IdempotencyConflict { .. } => "idempotency_conflict",
+            StoreError::BadCursor { .. } => "bad_cursor",
+            StoreError::Fenced { .. } => "fenced",
+            StoreError::Backend { .. } => "backend",
+        }
+    }
+}
+
 /// Result of creating a run: new, or the run an earlier request with the same key created.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CreateOutcome {

@@ -56,11 +56,12 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures_util::stream::{self, StreamExt};
+use opentelemetry::KeyValue;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
 use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, Script};
@@ -71,6 +72,7 @@ use super::{
     Admission, Claim, ClaimOutcome, CreateOutcome, EventStream, Lease, LogLineStream, Notice,
     NoticeStream, RunCommand, RunFilter, RunPage, RunStore, RunWrite, StoreError, TokenRecord,
 };
+use crate::metrics::{attr, Metrics};
 use crate::model::{EventKind, LogLine, LogSource, RunEvent, RunId, RunRecord};
 
 /// Entries read per `XRANGE` / `XREAD`.
@@ -342,6 +344,8 @@ struct Inner {
     scripts: Scripts,
     /// Writes refused for an outdated lease.
     fenced: AtomicU64,
+    /// Round-trip times go to `db.client.operation.duration`.
+    metrics: Arc<Metrics>,
 }
 
 /// The Redis-backed [`RunStore`]; cheap to clone.
@@ -370,6 +374,16 @@ impl RedisStore {
     /// A store for `cluster_id` at `url` (`redis://[user:password@]host[:port][/db]`). Connects on
     /// first use, so a control plane can start while Redis is still coming up (`ping` tells).
     pub fn open(url: &str, cluster_id: &str, settings: RedisSettings) -> Result<Self, StoreError> {
+        Self::open_observed(url, cluster_id, settings, Metrics::noop())
+    }
+
+    /// Like `open`, recording each call's round-trip time in `metrics`.
+    pub fn open_observed(
+        url: &str,
+        cluster_id: &str,
+        settings: RedisSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StoreError> {
         let client = Client::open(url).map_err(|err| StoreError::Backend {
             message: format!("invalid redis url: {err}"),
         })?;
@@ -396,6 +410,7 @@ impl RedisStore {
                     acquire_slot: Script::new(ACQUIRE_SLOT),
                 },
                 fenced: AtomicU64::new(0),
+                metrics,
             }),
         })
     }
@@ -484,23 +499,34 @@ impl Inner {
         Ok(manager.clone())
     }
 
-    /// Runs one store call on the shared connection, within the call deadline.
-    async fn call<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    /// Runs one store call (`operation`, for the round-trip metric) on the shared connection,
+    /// within the call deadline.
+    async fn call<T, F, Fut>(&self, operation: &str, f: F) -> Result<T, StoreError>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
         let deadline = self.settings.op_timeout;
+        let started = Instant::now();
         let work = async {
             let conn = self.manager().await?;
             f(conn).await
         };
-        match tokio::time::timeout(deadline, work).await {
+        let result = match tokio::time::timeout(deadline, work).await {
             Ok(result) => result,
             Err(_) => {
                 Err(self.unavailable(format_args!("no answer within {} ms", deadline.as_millis())))
             }
+        };
+        let mut attributes = vec![
+            KeyValue::new(attr::DB_SYSTEM, "redis"),
+            KeyValue::new(attr::DB_OPERATION, operation.to_string()),
+        ];
+        if let Err(err) = &result {
+            attributes.push(KeyValue::new(attr::ERROR_TYPE, err.kind()));
         }
+        Metrics::record(&self.metrics.store_duration, started.elapsed(), &attributes);
+        result
     }
 
     /// A connection of a follower's own, for blocking reads.
@@ -530,7 +556,11 @@ impl Inner {
 
     /// Runs one command on the shared connection, within the call deadline.
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
-        self.call(move |mut conn| async move {
+        let operation = match cmd.args_iter().next() {
+            Some(redis::Arg::Simple(name)) => String::from_utf8_lossy(name).to_uppercase(),
+            _ => "command".to_string(),
+        };
+        self.call(&operation, move |mut conn| async move {
             cmd.query_async::<T>(&mut conn)
                 .await
                 .map_err(|err| self.error(err))
@@ -540,7 +570,7 @@ impl Inner {
 
     /// Entries after `last` (exclusive), at most one batch.
     async fn range_after(&self, key: &str, last: &str) -> Result<Vec<StreamId>, StoreError> {
-        self.call(move |mut conn| async move {
+        self.call("range_after", move |mut conn| async move {
             redis::cmd("XRANGE")
                 .arg(key)
                 .arg(format!("({last}"))
@@ -556,7 +586,7 @@ impl Inner {
     }
 
     async fn last_entry(&self, key: &str) -> Result<Option<StreamId>, StoreError> {
-        self.call(move |mut conn| async move {
+        self.call("last_entry", move |mut conn| async move {
             redis::cmd("XREVRANGE")
                 .arg(key)
                 .arg("+")
@@ -821,7 +851,7 @@ impl RunStore for RedisStore {
         })?;
         let (run_key, json) = (&inner.run_key(record.id), &json);
         let reply: Vec<String> = inner
-            .call(move |mut conn| async move {
+            .call("create_run", move |mut conn| async move {
                 let mut invocation = inner.scripts.create_run.key(run_key);
                 invocation.key(inner.key("runs"));
                 if let Some(key) = idempotency_key {
@@ -899,7 +929,7 @@ impl RunStore for RedisStore {
         loop {
             let bound_ref = &bound;
             let candidates: Vec<ListCursor> = inner
-                .call(move |mut conn| async move {
+                .call("list_runs", move |mut conn| async move {
                     let mut found = Vec::new();
                     if let Some(b) = bound_ref {
                         let same: Vec<String> = redis::cmd("ZREVRANGEBYSCORE")
@@ -976,7 +1006,7 @@ impl RunStore for RedisStore {
         })?;
         let json = &json;
         let index: i64 = inner
-            .call(move |mut conn| async move {
+            .call("append_event", move |mut conn| async move {
                 inner
                     .scripts
                     .append
@@ -1032,7 +1062,7 @@ impl RunStore for RedisStore {
         let inner = &self.inner;
         let (at, lines) = (&timestamp_arg(Utc::now()), &lines);
         let appended: i64 = inner
-            .call(move |mut conn| async move {
+            .call("append_logs", move |mut conn| async move {
                 let mut invocation = inner.scripts.append.key(inner.run_key(id));
                 invocation.key(inner.logs_key(id, source)).arg(at).arg(4);
                 for (stream, line) in lines {
@@ -1077,7 +1107,7 @@ impl RunStore for RedisStore {
     async fn close_logs(&self, id: RunId) -> Result<(), StoreError> {
         let inner = &self.inner;
         let status: i64 = inner
-            .call(move |mut conn| async move {
+            .call("close_logs", move |mut conn| async move {
                 inner
                     .scripts
                     .close_logs
@@ -1108,7 +1138,7 @@ impl RunStore for RedisStore {
         })?;
         let json = &json;
         inner
-            .call(move |mut conn| async move {
+            .call("put_token", move |mut conn| async move {
                 inner
                     .scripts
                     .put_token
@@ -1142,7 +1172,7 @@ impl RunStore for RedisStore {
     async fn revoke_tokens(&self, id: RunId) -> Result<(), StoreError> {
         let inner = &self.inner;
         inner
-            .call(move |mut conn| async move {
+            .call("revoke_tokens", move |mut conn| async move {
                 inner
                     .scripts
                     .revoke_tokens
@@ -1167,7 +1197,7 @@ impl RunStore for RedisStore {
         let key = &inner.key(&format!("replica:{replica}"));
         let replicas = &inner.key("replicas");
         inner
-            .call(move |mut conn| async move {
+            .call("heartbeat", move |mut conn| async move {
                 redis::pipe()
                     .atomic()
                     .cmd("SET")
@@ -1190,7 +1220,7 @@ impl RunStore for RedisStore {
     async fn live_replicas(&self) -> Result<Vec<String>, StoreError> {
         let inner = &self.inner;
         let mut live: Vec<String> = inner
-            .call(move |mut conn| async move {
+            .call("live_replicas", move |mut conn| async move {
                 inner
                     .scripts
                     .live_replicas
@@ -1217,7 +1247,7 @@ impl RunStore for RedisStore {
             Claim::Takeover => "takeover",
         };
         let reply: Vec<String> = inner
-            .call(move |mut conn| async move {
+            .call("claim_run", move |mut conn| async move {
                 inner
                     .scripts
                     .claim
@@ -1301,7 +1331,7 @@ impl RunStore for RedisStore {
             String::new()
         };
         let reply: Vec<i64> = inner
-            .call(move |mut conn| async move {
+            .call("write_run", move |mut conn| async move {
                 let mut invocation = inner
                     .scripts
                     .write_run
@@ -1367,7 +1397,7 @@ impl RunStore for RedisStore {
     async fn orphaned_runs(&self) -> Result<Vec<RunId>, StoreError> {
         let inner = &self.inner;
         let ids: Vec<String> = inner
-            .call(move |mut conn| async move {
+            .call("orphaned_runs", move |mut conn| async move {
                 inner
                     .scripts
                     .orphaned
@@ -1393,7 +1423,7 @@ impl RunStore for RedisStore {
         let json = &serde_json::to_string(command).map_err(encode)?;
         let notice = &serde_json::to_string(&Notice::Commands { run_id: id }).map_err(encode)?;
         let reply: redis::Value = inner
-            .call(move |mut conn| async move {
+            .call("push_command", move |mut conn| async move {
                 inner
                     .scripts
                     .push_command
@@ -1423,7 +1453,7 @@ impl RunStore for RedisStore {
         let inner = &self.inner;
         let key = &inner.key(&format!("cmds:{id}"));
         let raw: Vec<String> = inner
-            .call(move |mut conn| async move {
+            .call("take_commands", move |mut conn| async move {
                 inner
                     .scripts
                     .take_commands
@@ -1529,7 +1559,7 @@ impl RunStore for RedisStore {
     ) -> Result<Admission, StoreError> {
         let inner = &self.inner;
         let reply: Vec<i64> = inner
-            .call(move |mut conn| async move {
+            .call("acquire_slot", move |mut conn| async move {
                 inner
                     .scripts
                     .acquire_slot
@@ -1601,7 +1631,7 @@ impl RedisStore {
         let inner = &self.inner;
         let order = &inner.key("runs");
         inner
-            .call(move |mut conn| async move {
+            .call("any_before", move |mut conn| async move {
                 let older: i64 = redis::cmd("ZCOUNT")
                     .arg(order)
                     .arg("-inf")

@@ -13,6 +13,7 @@ use std::time::Duration;
 use actix::Actor;
 use actix_web::{web, App, HttpServer};
 use actors::cluster::{ClusterStats, ReplicaKeeper};
+use actors::metrics::{self as metric, Metrics};
 use actors::provider::docker::{CallbackRoute, DockerProvider, DockerSettings};
 use actors::provider::local::{
     default_shim_path, LocalConfig as LocalProviderConfig, LocalProvider,
@@ -28,6 +29,7 @@ use actors::store::RunStore;
 use crate::config::{
     BackendConfig, ConfigError, DockerConfig, ProviderConfig, ServerConfig, StoreConfig,
 };
+use crate::telemetry::MetricsPipeline;
 use crate::tools::WorkspaceTools;
 use state::AppState;
 
@@ -295,14 +297,24 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
         None => base_url.clone(),
     };
 
+    // The process's metrics pipeline when telemetry installed one (`codebolt server`), else one
+    // of this server's own (servers started in-process).
+    let metrics_pipeline =
+        crate::telemetry::installed_metrics().unwrap_or_else(MetricsPipeline::local);
+    let metrics = Arc::new(Metrics::new(metrics_pipeline.meter()));
     let store: Arc<dyn RunStore> = match &config.store {
         StoreConfig::Memory => Arc::new(MemoryStore::new()),
         StoreConfig::Redis { url } => {
-            let store = RedisStore::open(url, &config.cluster_id, RedisSettings::default())
-                .map_err(|err| ServerError::Store {
-                    store: config.store.redacted(),
-                    message: err.to_string(),
-                })?;
+            let store = RedisStore::open_observed(
+                url,
+                &config.cluster_id,
+                RedisSettings::default(),
+                metrics.clone(),
+            )
+            .map_err(|err| ServerError::Store {
+                store: config.store.redacted(),
+                message: err.to_string(),
+            })?;
             // Connects on first use: a replica may start before Redis; /readyz tells.
             if let Err(err) = store.ping().await {
                 tracing::warn!(store = %config.store.redacted(), error = %err, "run store not reachable yet; /readyz reports 503 until it is");
@@ -332,7 +344,9 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
             cost: p.cost.clone(),
         })
         .collect();
-    let router = ProviderRouter::new(specs, SupervisorSettings::default()).start();
+    let router = ProviderRouter::new(specs, SupervisorSettings::default())
+        .with_metrics(metrics.clone())
+        .start();
     let tools = WorkspaceTools::new(workspace.clone()).map_err(|err| ServerError::Workspace {
         path: workspace.clone(),
         message: err.to_string(),
@@ -364,8 +378,10 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
             replica_id: replica_id.clone(),
         }),
         adopt_span: crate::telemetry::adopted_run_span,
+        metrics: metrics.clone(),
     };
     let cluster_stats = Arc::new(ClusterStats::default());
+    observe_cluster(&metrics, &cluster_stats, &store);
     ReplicaKeeper::new(
         run_deps.clone(),
         config.timeouts.replica_lease(),
@@ -380,6 +396,7 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
         replica_id.clone(),
         RECONCILE_INTERVAL,
     )
+    .with_metrics(metrics.clone())
     .start();
     let api_tokens = config.api_tokens.clone();
     let state = web::Data::new(AppState {
@@ -392,6 +409,7 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
         callback_url: callback_url.clone(),
         replica_id,
         cluster_stats,
+        metrics_pipeline,
         bundles: Mutex::new(HashMap::new()),
         api_tokens,
     });
@@ -439,6 +457,34 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
         handle,
         task,
     })
+}
+
+/// Counters kept outside the instruments (the keeper's statistics, the store's refused writes),
+/// read when metrics are collected.
+fn observe_cluster(metrics: &Metrics, stats: &Arc<ClusterStats>, store: &Arc<dyn RunStore>) {
+    type Read = Box<dyn Fn() -> u64 + Send + Sync>;
+    let counter = |def: actors::metrics::MetricDef, read: Read| {
+        metrics
+            .meter()
+            .u64_observable_counter(def.name)
+            .with_unit(def.unit)
+            .with_description(def.description)
+            .with_callback(move |observer| observer.observe(read(), &[]))
+            .build();
+    };
+    let load = |field: fn(&ClusterStats) -> &std::sync::atomic::AtomicU64| -> Read {
+        let stats = stats.clone();
+        Box::new(move || field(&stats).load(std::sync::atomic::Ordering::Relaxed))
+    };
+    counter(metric::RUNS_ADOPTED, load(|s| &s.adopted_orphans));
+    counter(metric::RUNS_RELEASED, load(|s| &s.released));
+    counter(metric::COMMANDS_ROUTED, load(|s| &s.commands_routed));
+    counter(metric::HEARTBEAT_FAILURES, load(|s| &s.heartbeat_failures));
+    let store = store.clone();
+    counter(
+        metric::STORE_FENCED_WRITES,
+        Box::new(move || store.fenced_writes()),
+    );
 }
 
 /// Runs the server until SIGINT/SIGTERM.

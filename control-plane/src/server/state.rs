@@ -12,6 +12,7 @@ use actors::store::RunStore;
 
 use crate::bundle::Bundle;
 use crate::config::{ApiToken, ServerConfig};
+use crate::telemetry::MetricsPipeline;
 
 pub struct AppState {
     pub config: ServerConfig,
@@ -26,6 +27,8 @@ pub struct AppState {
     pub replica_id: String,
     /// What this replica's keeper did (adoptions, routed commands), for `/metrics`.
     pub cluster_stats: Arc<ClusterStats>,
+    /// What `/metrics` renders.
+    pub metrics_pipeline: MetricsPipeline,
     /// Bundles by SHA-256 (content addressed, so one copy per distinct agent directory).
     pub bundles: Mutex<HashMap<String, Arc<Bundle>>>,
     /// API bearer tokens; empty means the API is open (loopback binds only).

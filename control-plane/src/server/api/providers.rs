@@ -49,76 +49,11 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
 
 #[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let providers = statuses(&state).await?;
-    let mut out = String::new();
-    out.push_str("# HELP codebolt_runs_active Runs with a live run actor on this replica.\n");
-    out.push_str("# TYPE codebolt_runs_active gauge\n");
-    out.push_str(&format!("codebolt_runs_active {}\n", state.registry.len()));
-    out.push_str(
-        "# HELP codebolt_provider_healthy Whether a provider is healthy (1) or not (0).\n",
-    );
-    out.push_str("# TYPE codebolt_provider_healthy gauge\n");
-    for p in &providers {
-        out.push_str(&format!(
-            "codebolt_provider_healthy{{provider=\"{}\",kind=\"{}\"}} {}\n",
-            p.name,
-            p.kind,
-            u8::from(p.healthy)
-        ));
-    }
-    out.push_str("# HELP codebolt_provider_restarts_total Restarts of a provider actor.\n");
-    out.push_str("# TYPE codebolt_provider_restarts_total counter\n");
-    for p in &providers {
-        out.push_str(&format!(
-            "codebolt_provider_restarts_total{{provider=\"{}\"}} {}\n",
-            p.name, p.restarts
-        ));
-    }
-    out.push_str(
-        "# HELP codebolt_provider_active_runs Sandboxes a provider holds for live runs.\n",
-    );
-    out.push_str("# TYPE codebolt_provider_active_runs gauge\n");
-    for p in &providers {
-        out.push_str(&format!(
-            "codebolt_provider_active_runs{{provider=\"{}\"}} {}\n",
-            p.name, p.active_runs
-        ));
-    }
-    let stats = &state.cluster_stats;
-    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-    let counters = [
-        (
-            "codebolt_store_fenced_writes_total",
-            "Run writes the store refused because another replica holds a newer lease.",
-            state.store.fenced_writes(),
-        ),
-        (
-            "codebolt_runs_adopted_total",
-            "Runs this replica adopted from replicas whose heartbeat lapsed.",
-            load(&stats.adopted_orphans),
-        ),
-        (
-            "codebolt_runs_released_total",
-            "Runs this replica gave up because another replica took them over.",
-            load(&stats.released),
-        ),
-        (
-            "codebolt_commands_routed_total",
-            "Stop and kill commands from other replicas delivered to this replica's runs.",
-            load(&stats.commands_routed),
-        ),
-        (
-            "codebolt_heartbeat_failures_total",
-            "Replica heartbeats the store did not take.",
-            load(&stats.heartbeat_failures),
-        ),
-    ];
-    for (name, help, value) in counters {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
-        ));
-    }
+    let text = state
+        .metrics_pipeline
+        .render()
+        .map_err(|err| ApiError::internal(format!("metrics could not be collected: {err}")))?;
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(out))
+        .body(text))
 }
