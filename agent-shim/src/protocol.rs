@@ -13,6 +13,8 @@
 //!
 //! This module depends on serde only, so any client can share it.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -93,6 +95,23 @@ pub enum ShimMessage {
         /// Milliseconds since the Unix epoch on the shim's clock.
         at_ms: u64,
     },
+    /// The shim's own trace spans (bundle fetch, agent start, each relayed tool call), finished
+    /// and batched. Not sequenced: telemetry, best effort. The control plane exports them as
+    /// children of the `TRACEPARENT` it gave the sandbox, so they join the run's trace.
+    Spans { spans: Vec<ShimSpan> },
+}
+
+/// One finished span of the shim. Times are nanoseconds since the Unix epoch on the shim's clock.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShimSpan {
+    pub name: String,
+    pub start_unix_nano: u64,
+    pub end_unix_nano: u64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
+    /// Set when the operation failed: what went wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl ShimMessage {
@@ -104,7 +123,9 @@ impl ShimMessage {
             | ShimMessage::Log { seq, .. }
             | ShimMessage::Usage { seq, .. }
             | ShimMessage::Exited { seq, .. } => Some(*seq),
-            ShimMessage::Hello { .. } | ShimMessage::Heartbeat { .. } => None,
+            ShimMessage::Hello { .. }
+            | ShimMessage::Heartbeat { .. }
+            | ShimMessage::Spans { .. } => None,
         }
     }
 }

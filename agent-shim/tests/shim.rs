@@ -75,6 +75,16 @@ async fn successful_run_relays_everything_and_exits_zero() {
     let (cp, mut shim, mut conn) = start(AGENT_OK).await;
     let mut ledger = Ledger::default();
     serve_until_exited(&mut conn, &mut ledger).await;
+    // The shim's own spans (it was given a TRACEPARENT) came before its exit report.
+    let names: Vec<&str> = conn.spans.iter().map(|s| s.name.as_str()).collect();
+    for expected in ["shim.bundle.fetch", "shim.agent.start", "shim.tool_call"] {
+        assert!(names.contains(&expected), "no {expected} span in {names:?}");
+    }
+    assert!(conn
+        .spans
+        .iter()
+        .filter(|s| s.name == "shim.tool_call")
+        .all(|s| s.attributes.get("outcome").map(String::as_str) == Some("ok")));
     assert_eq!(conn.expect_close().await, Some(1000));
     let status = shim.wait(STEP).await;
     assert_eq!(status.code(), Some(0), "stderr:\n{}", shim.stderr());

@@ -429,6 +429,61 @@ impl MetricsPipeline {
 
 static INSTALLED_METRICS: OnceLock<MetricsPipeline> = OnceLock::new();
 
+/// Exports the spans shims send (set by `init`).
+static SHIM_TRACER: OnceLock<opentelemetry_sdk::trace::SdkTracer> = OnceLock::new();
+
+/// The span context a W3C `traceparent` names, as a remote parent; `None` if unreadable.
+fn remote_parent(traceparent: &str) -> Option<opentelemetry::Context> {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+    let mut parts = traceparent.split('-');
+    let (_, trace, parent) = (parts.next(), parts.next(), parts.next());
+    let trace_id = TraceId::from_hex(trace?).ok()?;
+    let span_id = SpanId::from_hex(parent?).ok()?;
+    let remote = SpanContext::new(
+        trace_id,
+        span_id,
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    );
+    Some(opentelemetry::Context::new().with_remote_span_context(remote))
+}
+
+/// Exports the spans a run's shim finished (`actors::run::ExportSpans`) as children of the
+/// `traceparent` its sandbox was given, so they join the run's trace. Shims send their spans to
+/// the control plane rather than to a collector: a sandbox reaches only its callback URL, holds no
+/// collector credentials, and cannot put spans into another run's trace.
+pub fn export_shim_spans(traceparent: &str, spans: Vec<agent_shim::protocol::ShimSpan>) {
+    use opentelemetry::trace::{Span as _, Status, Tracer as _};
+    let Some(tracer) = SHIM_TRACER.get() else {
+        return;
+    };
+    let Some(parent) = remote_parent(traceparent) else {
+        tracing::debug!(traceparent, "unreadable traceparent; shim spans dropped");
+        return;
+    };
+    let at = |nanos: u64| std::time::UNIX_EPOCH + Duration::from_nanos(nanos);
+    for shim_span in spans {
+        let mut attributes: Vec<KeyValue> = shim_span
+            .attributes
+            .into_iter()
+            .map(|(k, v)| KeyValue::new(k, v))
+            .collect();
+        attributes.push(KeyValue::new("codebolt.source", "agent-shim"));
+        let mut span = tracer
+            .span_builder(shim_span.name)
+            .with_start_time(at(shim_span.start_unix_nano))
+            .with_attributes(attributes)
+            .start_with_context(tracer, &parent);
+        if let Some(error) = shim_span.error {
+            span.set_status(Status::error(error));
+        }
+        span.end_with_timestamp(at(shim_span.end_unix_nano.max(shim_span.start_unix_nano)));
+    }
+}
+
 /// The metrics pipeline `init` installed for this process, if it did.
 pub fn installed_metrics() -> Option<MetricsPipeline> {
     INSTALLED_METRICS.get().cloned()
@@ -441,6 +496,7 @@ pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, TelemetryError> {
     let provider = build_provider(settings)?;
     let metrics = MetricsPipeline::build(settings)?;
     let tracer = provider.tracer("codebolt");
+    let shim_tracer = provider.tracer("agent-shim");
     let filter =
         EnvFilter::try_new(&settings.filter).map_err(|err| TelemetryError::InvalidEnv {
             var: "RUST_LOG",
@@ -463,6 +519,11 @@ pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, TelemetryError> {
         .with(tracing_opentelemetry::layer().with_tracer(tracer))
         .try_init()
         .map_err(|err| TelemetryError::AlreadyInstalled(err.to_string()))?;
+    if SHIM_TRACER.set(shim_tracer).is_err() {
+        return Err(TelemetryError::AlreadyInstalled(
+            "a tracer for shim spans is already installed".into(),
+        ));
+    }
     if INSTALLED_METRICS.set(metrics.clone()).is_err() {
         return Err(TelemetryError::AlreadyInstalled(
             "a metrics pipeline is already installed".into(),
@@ -478,9 +539,6 @@ pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, TelemetryError> {
 /// Root span of a run adopted from another replica: a child of the run's trace, through the
 /// W3C `traceparent` the run was given at creation, so the adopter's spans join the same trace.
 pub fn adopted_run_span(record: &actors::model::RunRecord, traceparent: &str) -> tracing::Span {
-    use opentelemetry::trace::{
-        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
-    };
     use tracing_opentelemetry::OpenTelemetrySpanExt;
     let span = tracing::info_span!(
         parent: None,
@@ -492,21 +550,8 @@ pub fn adopted_run_span(record: &actors::model::RunRecord, traceparent: &str) ->
         run.failure = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
     );
-    let mut parts = traceparent.split('-');
-    let (_, trace, parent) = (parts.next(), parts.next(), parts.next());
-    let ids = trace
-        .and_then(|t| TraceId::from_hex(t).ok())
-        .zip(parent.and_then(|p| SpanId::from_hex(p).ok()));
-    match ids {
-        Some((trace_id, span_id)) => {
-            let remote = SpanContext::new(
-                trace_id,
-                span_id,
-                TraceFlags::SAMPLED,
-                true,
-                TraceState::default(),
-            );
-            let context = opentelemetry::Context::new().with_remote_span_context(remote);
+    match remote_parent(traceparent) {
+        Some(context) => {
             if let Err(err) = span.set_parent(context) {
                 tracing::debug!(run_id = %record.id, error = %err, "adopted run's span not joined to its trace");
             }

@@ -1,6 +1,7 @@
 //! One run, one trace: an OTLP receiver in-process (the collector's gRPC trace and metrics
 //! services), the control plane exporting to it, a real run with tool calls, the spans checked as
-//! a tree and the metrics checked by name, over OTLP and on `/metrics`.
+//! a tree (the shim's own spans included) and the metrics checked by name, over OTLP and on
+//! `/metrics`.
 
 mod common;
 
@@ -109,9 +110,34 @@ async fn a_run_is_one_trace_with_the_named_spans() {
         "shim.connect",
         "tool.call",
         "sandbox.cleanup",
+        // The shim's own, sent through the control plane.
+        "shim.bundle.fetch",
+        "shim.agent.start",
+        "shim.tool_call",
     ] {
         assert!(names.contains(&expected), "no {expected} span in {names:?}");
     }
+    let shim_calls: Vec<Option<String>> = run_spans
+        .iter()
+        .filter(|s| s.name == "shim.tool_call")
+        .map(|s| attr(s, "gen_ai.tool.name"))
+        .collect();
+    assert_eq!(
+        shim_calls.len(),
+        2,
+        "one shim span per relayed call: {shim_calls:?}"
+    );
+    assert!(shim_calls.contains(&Some("fs.list_dir".into())));
+    assert!(run_spans
+        .iter()
+        .filter(
+            |s| ["shim.bundle.fetch", "shim.agent.start", "shim.tool_call"]
+                .contains(&s.name.as_str())
+        )
+        .all(
+            |s| attr(s, "codebolt.source").as_deref() == Some("agent-shim")
+                && s.end_time_unix_nano >= s.start_time_unix_nano
+        ));
     // One root; every other span's parent is in the same trace.
     let roots: Vec<&&Span> = run_spans
         .iter()

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use agent_shim::protocol::{
     AgentEventPayload, BundleInfo, LogStream as ShimLogStream, ServerMessage, ShimMessage,
-    ToolError, PROTOCOL_VERSION,
+    ShimSpan, ToolError, PROTOCOL_VERSION,
 };
 use chrono::Utc;
 use futures_util::{FutureExt, StreamExt};
@@ -133,6 +133,12 @@ impl RunRegistry {
     }
 }
 
+/// Exports spans a run's shim finished, as children of the run's `traceparent`.
+pub type ExportSpans = fn(&str, Vec<ShimSpan>);
+
+/// Drops shim spans (for hosts that export no traces).
+pub fn discard_spans(_traceparent: &str, _spans: Vec<ShimSpan>) {}
+
 /// Makes the root span of a run adopted from another replica, joining the run's trace through
 /// its W3C `traceparent`.
 pub type AdoptSpan = fn(&RunRecord, &str) -> tracing::Span;
@@ -182,6 +188,8 @@ pub struct RunDeps {
     pub registry: RunRegistry,
     pub settings: Arc<RunSettings>,
     pub adopt_span: AdoptSpan,
+    /// Where the shim's own spans go.
+    pub export_spans: ExportSpans,
     pub metrics: Arc<Metrics>,
 }
 
@@ -1301,7 +1309,9 @@ impl RunActor {
                     input = Some(exited);
                 }
             }
-            ShimMessage::Hello { .. } | ShimMessage::Heartbeat { .. } => {}
+            ShimMessage::Hello { .. }
+            | ShimMessage::Heartbeat { .. }
+            | ShimMessage::Spans { .. } => {}
         }
         // The frame's writes carry its sequence number, so an adopting replica resumes after it.
         events.append(&mut write.events);
@@ -1740,6 +1750,10 @@ impl Handler<ShimFrame> for RunActor {
     fn handle(&mut self, msg: ShimFrame, ctx: &mut Context<Self>) {
         if self.connection.as_ref().map(|c| c.id) != Some(msg.conn_id) {
             tracing::debug!(run_id = %self.id, conn_id = msg.conn_id, "frame from a replaced connection dropped");
+            return;
+        }
+        if let ShimMessage::Spans { spans } = msg.message {
+            (self.deps.export_spans)(&self.spec.traceparent, spans);
             return;
         }
         if self.phase.state.is_terminal() {

@@ -11,6 +11,7 @@ pub mod config;
 pub mod connection;
 pub mod outbox;
 pub mod relay;
+pub mod spans;
 pub mod usage;
 
 use std::future::{pending, Future};
@@ -34,6 +35,7 @@ use self::config::Config;
 use self::connection::{ConnectError, Welcome, Ws};
 use self::outbox::{AckOutcome, Outbox, PendingCalls};
 use self::relay::Relayed;
+use self::spans::SpanRecorder;
 use self::usage::UsageSampler;
 use crate::protocol::agent::ToAgent;
 use crate::protocol::{
@@ -182,6 +184,10 @@ struct Shim {
     stop_forwarded: bool,
     signals: u32,
     exit: ShimExit,
+    /// The shim's own spans, sent to the control plane in batches.
+    spans: SpanRecorder,
+    /// When the bundle fetch began (for its span).
+    preparing_since: Option<SystemTime>,
 }
 
 impl Shim {
@@ -217,6 +223,8 @@ impl Shim {
             stop_forwarded: false,
             signals: 0,
             exit: ShimExit::Completed,
+            spans: SpanRecorder::new(config.traceparent.as_deref()),
+            preparing_since: None,
             config,
         }
     }
@@ -455,6 +463,7 @@ impl Shim {
                     tracing::warn!(%call_id, "ignoring a result for a tool call that is not pending");
                     return;
                 }
+                let failure = error.as_ref().map(|e| e.code.clone());
                 let line = ToAgent::ToolResult {
                     id: call_id.clone(),
                     ok,
@@ -462,6 +471,8 @@ impl Shim {
                     error,
                 };
                 self.send_to_agent(&line);
+                self.spans
+                    .call_answered(&call_id, failure.as_deref().or((!ok).then_some("failed")));
             }
             ServerMessage::Stop { grace_s } => self.on_stop(grace_s).await,
             ServerMessage::Error {
@@ -512,7 +523,31 @@ impl Shim {
                 self.send_frame(Message::Ping(Vec::new())).await;
             }
         }
+        self.send_spans().await;
         None
+    }
+
+    /// Sends the finished spans, a batch a frame, if connected; unsent ones wait for the next
+    /// chance.
+    async fn send_spans(&mut self) {
+        while self.ws.is_some() && !self.spans.is_empty() {
+            let mut batch = self.spans.take();
+            let rest = batch.split_off(batch.len().min(spans::BATCH));
+            self.spans.restore(rest);
+            let text = match serde_json::to_string(&ShimMessage::Spans {
+                spans: batch.clone(),
+            }) {
+                Ok(text) => text,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot encode spans; dropping them");
+                    continue;
+                }
+            };
+            if !self.send_text(text).await {
+                self.spans.restore(batch);
+                return;
+            }
+        }
     }
 
     /// Sends a frame if connected; a failure drops the connection (the outbox keeps the data).
@@ -601,6 +636,7 @@ impl Shim {
         let token = self.config.token.clone();
         let dir = self.config.work_dir.clone();
         tracing::info!(url = %bundle.url, size = bundle.size, "fetching the agent bundle");
+        self.preparing_since = Some(SystemTime::now());
         self.agent = AgentState::Preparing(tokio::spawn(async move {
             bundle::fetch_and_unpack(&bundle, &token, &dir)
                 .await
@@ -612,6 +648,15 @@ impl Shim {
         &mut self,
         result: Result<Result<String, BundleError>, tokio::task::JoinError>,
     ) -> Option<ShimExit> {
+        if let Some(started) = self.preparing_since.take() {
+            let error = match &result {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(format!("bundle preparation stopped: {e}")),
+            };
+            self.spans
+                .finish("shim.bundle.fetch", started, Default::default(), error);
+        }
         let command = match result {
             Ok(Ok(command)) => command,
             Ok(Err(e)) if e.is_unauthorized() => {
@@ -637,7 +682,15 @@ impl Shim {
             task: &self.task,
             traceparent: self.config.traceparent.as_deref(),
         };
-        match AgentProcess::spawn(&spec) {
+        let spawning = SystemTime::now();
+        let spawned = AgentProcess::spawn(&spec);
+        self.spans.finish(
+            "shim.agent.start",
+            spawning,
+            std::collections::BTreeMap::from([("process.command".to_string(), command.clone())]),
+            spawned.as_ref().err().map(|e| e.to_string()),
+        );
+        match spawned {
             Ok((process, output)) => {
                 let pid = process.pid;
                 tracing::info!(pid, %command, "agent started");
@@ -681,6 +734,8 @@ impl Shim {
     }
 
     async fn push_exited(&mut self, code: Option<i32>, signal: Option<i32>) {
+        // Before the exit: the control plane closes the connection once the run's end is stored.
+        self.send_spans().await;
         if let Err(e) = self
             .push(|seq| ShimMessage::Exited { seq, code, signal })
             .await
@@ -728,6 +783,7 @@ impl Shim {
                 args,
             } => {
                 let id = call_id.clone();
+                let tool_name = tool.clone();
                 let pushed = self
                     .push(|seq| ShimMessage::ToolCall {
                         seq,
@@ -737,7 +793,13 @@ impl Shim {
                     })
                     .await;
                 match pushed {
-                    Ok(()) => self.pending.insert(id),
+                    Ok(()) => {
+                        self.spans.call_started(&id, &tool_name);
+                        self.pending.insert(id);
+                        if self.spans.batch_due() {
+                            self.send_spans().await;
+                        }
+                    }
                     Err(e) => {
                         self.push_note(format!("agent-shim: tool call {id} refused: {e}"))
                             .await;

@@ -185,6 +185,8 @@ pub struct ServerConn {
     sink: SplitSink<WebSocketStream<TcpStream>, Message>,
     frames: mpsc::UnboundedReceiver<Message>,
     reader: JoinHandle<()>,
+    /// The shim's spans received so far (`spans` frames are kept here, not returned by `recv`).
+    pub spans: Vec<agent_shim::protocol::ShimSpan>,
 }
 
 impl ServerConn {
@@ -222,6 +224,7 @@ impl ServerConn {
             sink,
             frames,
             reader,
+            spans: Vec::new(),
         })
     }
 
@@ -239,8 +242,10 @@ impl ServerConn {
                 Some(Message::Text(text)) => {
                     let msg: ShimMessage = serde_json::from_str(&text)
                         .unwrap_or_else(|e| panic!("shim sent an unparseable frame {text}: {e}"));
-                    if !matches!(msg, ShimMessage::Heartbeat { .. }) {
-                        return msg;
+                    match msg {
+                        ShimMessage::Heartbeat { .. } => {}
+                        ShimMessage::Spans { spans } => self.spans.extend(spans),
+                        msg => return msg,
                     }
                 }
                 other => panic!("expected a message from the shim, got {other:?}"),
