@@ -509,7 +509,8 @@ pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, TelemetryError> {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
-            .with_span_list(false)
+            // The run's root span (run id, trace id) is in the list on every line within a run.
+            .with_span_list(true)
             .with_writer(std::io::stderr)
             .boxed(),
     };
@@ -544,6 +545,7 @@ pub fn adopted_run_span(record: &actors::model::RunRecord, traceparent: &str) ->
         parent: None,
         "codebolt.run.adopted",
         run.id = %record.id,
+        trace_id = %record.trace_id,
         run.agent = %record.agent,
         run.provider = %record.provider,
         run.state = tracing::field::Empty,

@@ -627,3 +627,99 @@ async fn a_run_taken_over_by_another_replica_stays_one_trace() {
         .expect("tool span");
     assert_eq!(tool.parent_span_id, adopted.span_id);
 }
+
+/// The run token in the environment of the agent's shim (an ancestor of the agent process).
+fn run_token_of(agent_pid: u32) -> Option<String> {
+    let mut pid = agent_pid;
+    for _ in 0..4 {
+        if let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) {
+            let token = environ
+                .split(|b| *b == 0)
+                .filter_map(|var| std::str::from_utf8(var).ok())
+                .find_map(|var| var.strip_prefix("CODEBOLT_RUN_TOKEN="))
+                .map(String::from);
+            if token.is_some() {
+                return token;
+            }
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        pid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))?
+            .trim()
+            .parse()
+            .ok()?;
+    }
+    None
+}
+
+#[tokio::test]
+async fn json_logs_name_the_run_and_its_trace_on_every_line_and_never_the_token() {
+    const SLOW: &str = r#"
+read task
+printf '%s\n' '{"type":"tool_call","id":"c1","tool":"fs.read_file","args":{"path":"README.md"}}'
+read result
+sleep 2
+printf '%s\n' '{"type":"done","result":"ok"}'
+"#;
+    let cluster = Cluster::start(
+        1,
+        Workspace::new().agent("slow", SLOW),
+        ClusterSetup {
+            replicas_env: vec![
+                ("CODEBOLT_LOG_FORMAT".into(), "json".into()),
+                ("RUST_LOG".into(), "info".into()),
+            ],
+            ..ClusterSetup::default()
+        },
+    )
+    .await;
+    let run = cluster.start_run_on(0, "slow", "log me").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let pid = loop {
+        let pid = cluster
+            .events_on(0, run.id)
+            .await
+            .iter()
+            .find_map(|e| match &e.kind {
+                actors::model::EventKind::AgentStarted { pid } => Some(*pid),
+                _ => None,
+            });
+        if let Some(pid) = pid {
+            break pid;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let token = run_token_of(pid).expect("the shim's run token, read from /proc");
+    let done = cluster.wait_terminal_on(0, run.id, WAIT).await;
+    assert_eq!(done.state, RunState::Succeeded, "{:?}", done.failure);
+
+    let log = std::fs::read_to_string(cluster.replica(0).log_path()).expect("replica log");
+    let run_id = run.id.to_string();
+    let mut about_the_run = 0;
+    // The harness marks each start of the replica with a `=== … ===` line.
+    for line in log
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("=== "))
+    {
+        let parsed: Result<serde_json::Value, _> = serde_json::from_str(line);
+        assert!(parsed.is_ok(), "not a JSON line: {line}");
+        assert!(!line.contains(&token), "the run token was logged: {line}");
+        if line.contains(&run_id) {
+            about_the_run += 1;
+            assert!(
+                line.contains(&done.trace_id),
+                "a line about run {run_id} does not name its trace {}: {line}",
+                done.trace_id
+            );
+        }
+    }
+    assert!(
+        about_the_run >= 5,
+        "only {about_the_run} lines about the run:\n{log}"
+    );
+}

@@ -265,6 +265,8 @@ const WRITE_QUEUE: usize = 65_536;
 /// What a run's writer needs.
 struct Writer {
     id: RunId,
+    /// The run's trace, named on every log line about the run.
+    trace_id: String,
     lease: Lease,
     provider: String,
     store: Arc<dyn RunStore>,
@@ -328,7 +330,7 @@ impl Writer {
         }
         for (seq, conn) in acks.drain(..) {
             if let Err(err) = conn.try_send(ToShim::Frame(ServerMessage::Ack { seq })) {
-                tracing::debug!(run_id = %self.id, error = %err, "could not queue an ack");
+                tracing::debug!(run_id = %self.id, trace_id = %self.trace_id, error = %err, "could not queue an ack");
             }
         }
         true
@@ -339,9 +341,9 @@ impl Writer {
         match self.store_write(write).await {
             Ok(()) => true,
             Err(lost) => {
-                tracing::warn!(run_id = %self.id, error = %lost, "run lease lost; this replica stops driving the run");
+                tracing::warn!(run_id = %self.id, trace_id = %self.trace_id, error = %lost, "run lease lost; this replica stops driving the run");
                 if let Err(err) = self.actor.try_send(Superseded { by: None }) {
-                    tracing::debug!(run_id = %self.id, error = %err, "run actor already gone");
+                    tracing::debug!(run_id = %self.id, trace_id = %self.trace_id, error = %err, "run actor already gone");
                 }
                 false
             }
@@ -364,13 +366,13 @@ impl Writer {
                 Err(StoreError::Unavailable { message }) => {
                     attempts += 1;
                     if attempts == 1 || attempts.is_multiple_of(20) {
-                        tracing::warn!(run_id = %self.id, error = %message, attempts, "run store unavailable; writes wait");
+                        tracing::warn!(run_id = %self.id, trace_id = %self.trace_id, error = %message, attempts, "run store unavailable; writes wait");
                     }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
                 Err(err) => {
-                    tracing::warn!(run_id = %self.id, error = %err, "could not store run writes");
+                    tracing::warn!(run_id = %self.id, trace_id = %self.trace_id, error = %err, "could not store run writes");
                     return Ok(());
                 }
             }
@@ -385,19 +387,19 @@ impl Writer {
                 Ok(Some(bytes)) => match serde_json::from_slice(&bytes) {
                     Ok(handle) => Some(handle),
                     Err(err) => {
-                        tracing::warn!(run_id = %id, error = %err, "stored sandbox handle unreadable");
+                        tracing::warn!(run_id = %id, trace_id = %self.trace_id, error = %err, "stored sandbox handle unreadable");
                         None
                     }
                 },
                 Ok(None) => None,
                 Err(err) => {
-                    tracing::warn!(run_id = %id, error = %err, "could not look up the sandbox");
+                    tracing::warn!(run_id = %id, trace_id = %self.trace_id, error = %err, "could not look up the sandbox");
                     None
                 }
             },
         };
         let Some(sandbox) = handle else {
-            tracing::info!(run_id = %id, "no sandbox known to remove");
+            tracing::info!(run_id = %id, trace_id = %self.trace_id, "no sandbox known to remove");
             return;
         };
         let kill = KillSandbox {
@@ -406,11 +408,15 @@ impl Writer {
             sandbox,
         };
         match tracing::Instrument::instrument(self.router.send(kill), span).await {
-            Ok(Ok(())) => tracing::info!(run_id = %id, "sandbox removed"),
-            Ok(Err(err)) => {
-                tracing::warn!(run_id = %id, error = %err, "could not remove the sandbox")
+            Ok(Ok(())) => {
+                tracing::info!(run_id = %id, trace_id = %self.trace_id, "sandbox removed")
             }
-            Err(err) => tracing::warn!(run_id = %id, error = %err, "provider router unavailable"),
+            Ok(Err(err)) => {
+                tracing::warn!(run_id = %id, trace_id = %self.trace_id, error = %err, "could not remove the sandbox")
+            }
+            Err(err) => {
+                tracing::warn!(run_id = %id, trace_id = %self.trace_id, error = %err, "provider router unavailable")
+            }
         }
     }
 
@@ -432,7 +438,9 @@ impl Writer {
                 record.cost_estimate = rates.estimate(&record.resources, billed_seconds)
             }
             Ok(None) => {}
-            Err(err) => tracing::warn!(run_id = %id, error = %err, "no cost rates"),
+            Err(err) => {
+                tracing::warn!(run_id = %id, trace_id = %self.trace_id, error = %err, "no cost rates")
+            }
         }
         if record.failure.is_some() {
             record.evidence = Some(Evidence {
@@ -457,16 +465,16 @@ impl Writer {
             return;
         }
         if let Err(err) = store.revoke_tokens(id).await {
-            tracing::warn!(run_id = %id, error = %err, "could not revoke the run token");
+            tracing::warn!(run_id = %id, trace_id = %self.trace_id, error = %err, "could not revoke the run token");
         }
         if let Err(err) = store.close_logs(id).await {
-            tracing::warn!(run_id = %id, error = %err, "could not close the run's logs");
+            tracing::warn!(run_id = %id, trace_id = %self.trace_id, error = %err, "could not close the run's logs");
         }
         if let Err(err) = store.release_run(&self.lease).await {
-            tracing::warn!(run_id = %id, error = %err, "could not release the run's lease");
+            tracing::warn!(run_id = %id, trace_id = %self.trace_id, error = %err, "could not release the run's lease");
         }
         if let Err(err) = done.try_send(Finished(Box::new(record))) {
-            tracing::debug!(run_id = %id, error = %err, "run actor already gone");
+            tracing::debug!(run_id = %id, trace_id = %self.trace_id, error = %err, "run actor already gone");
         }
     }
 }
@@ -589,6 +597,7 @@ impl RunActor {
             actix_rt::spawn(writer(
                 Writer {
                     id,
+                    trace_id: spec.record.trace_id.clone(),
                     lease: lease.clone(),
                     provider: spec.record.provider.clone(),
                     store: deps.store.clone(),
@@ -700,7 +709,7 @@ impl RunActor {
         self.phase = outcome.phase;
         let after = self.phase.state;
         if before != after {
-            tracing::info!(run_id = %self.id, from = %before, to = %after, "run state changed");
+            tracing::info!(run_id = %self.id, trace_id = %self.record.trace_id, from = %before, to = %after, "run state changed");
             self.record.state = after;
             self.record.state_times.insert(after, Utc::now());
             self.record.exit_code = self.phase.exit_code;
@@ -792,7 +801,7 @@ impl RunActor {
         let duration = self.timer_duration(timer);
         let handle = ctx.run_later(duration, move |act, ctx| {
             act.timers.remove(&timer);
-            tracing::info!(run_id = %act.id, ?timer, "run timer fired");
+            tracing::info!(run_id = %act.id, trace_id = %act.record.trace_id, ?timer, "run timer fired");
             act.apply(Input::TimerFired(timer), ctx);
         });
         self.timers.insert(timer, handle);
@@ -801,7 +810,7 @@ impl RunActor {
     /// Queues a write; the run's writer carries writes out in order.
     fn write(&self, op: WriteOp) {
         if let Err(err) = self.writes.try_send(op) {
-            tracing::error!(run_id = %self.id, error = %err, "run write queue full or closed");
+            tracing::error!(run_id = %self.id, trace_id = %self.record.trace_id, error = %err, "run write queue full or closed");
             // Unacknowledged frames are resent after a reconnect, so dropping the connection
             // loses nothing.
             if let Some(conn) = &self.connection {
@@ -809,7 +818,7 @@ impl RunActor {
                     code: 1013,
                     reason: "control plane overloaded; reconnect".into(),
                 }) {
-                    tracing::debug!(run_id = %self.id, error = %err, "connection already gone");
+                    tracing::debug!(run_id = %self.id, trace_id = %self.record.trace_id, error = %err, "connection already gone");
                 }
             }
         }
@@ -835,7 +844,7 @@ impl RunActor {
             if let Err(err) = conn.conn.try_send(ToShim::Frame(message)) {
                 // Nothing may be dropped silently: the shim reconnects and asks again for the
                 // results it still waits for.
-                tracing::warn!(run_id = %self.id, error = %err, "could not queue a frame for the shim; closing its connection");
+                tracing::warn!(run_id = %self.id, trace_id = %self.record.trace_id, error = %err, "could not queue a frame for the shim; closing its connection");
                 conn.conn.do_send(ToShim::Close {
                     code: 1013,
                     reason: "control plane overloaded; reconnect".into(),
@@ -995,9 +1004,9 @@ impl RunActor {
                 }
                 Ok(Ok(None)) => {}
                 Ok(Err(err)) => {
-                    tracing::debug!(run_id = %act.id, error = %err, "usage unavailable")
+                    tracing::debug!(run_id = %act.id, trace_id = %act.record.trace_id, error = %err, "usage unavailable")
                 }
-                Err(err) => tracing::debug!(run_id = %act.id, error = %err, "router unavailable"),
+                Err(err) => tracing::debug!(run_id = %act.id, trace_id = %act.record.trace_id, error = %err, "router unavailable"),
             }));
         });
     }
@@ -1050,7 +1059,7 @@ impl RunActor {
                 ));
             }
             Ok(handle) => {
-                tracing::info!(run_id = %self.id, sandbox = %handle.id, host = %handle.remote_host, "sandbox created");
+                tracing::info!(run_id = %self.id, trace_id = %self.record.trace_id, sandbox = %handle.id, host = %handle.remote_host, "sandbox created");
                 self.spawned_at = Some(Instant::now());
                 self.record.sandbox_id = Some(handle.id.clone());
                 self.record.remote_host = Some(handle.remote_host.clone());
@@ -1070,7 +1079,7 @@ impl RunActor {
                 self.apply(Input::Spawned, ctx);
             }
             Err(err) => {
-                tracing::warn!(run_id = %self.id, error = %err, "spawn failed");
+                tracing::warn!(run_id = %self.id, trace_id = %self.record.trace_id, error = %err, "spawn failed");
                 let kind = match err {
                     ProviderError::ImagePull { .. } => FailureKind::ImagePullFailed,
                     _ => FailureKind::ProviderError,
@@ -1090,14 +1099,14 @@ impl RunActor {
         });
         ctx.spawn(wait.into_actor(self).map(|res, act, ctx| match res {
             Ok(Ok(exit)) => {
-                tracing::info!(run_id = %act.id, code = ?exit.code, oom = exit.oom_killed, "sandbox ended");
+                tracing::info!(run_id = %act.id, trace_id = %act.record.trace_id, code = ?exit.code, oom = exit.oom_killed, "sandbox ended");
                 act.sandbox_ended(exit.code, exit.oom_killed, ctx);
             }
             Ok(Err(err)) => {
-                tracing::warn!(run_id = %act.id, error = %err, "could not watch the sandbox");
+                tracing::warn!(run_id = %act.id, trace_id = %act.record.trace_id, error = %err, "could not watch the sandbox");
             }
             Err(err) => {
-                tracing::warn!(run_id = %act.id, error = %err, "provider router unavailable");
+                tracing::warn!(run_id = %act.id, trace_id = %act.record.trace_id, error = %err, "provider router unavailable");
             }
         }));
         if self.adopted {
@@ -1107,6 +1116,7 @@ impl RunActor {
         }
         let store = self.deps.store.clone();
         let id = self.id;
+        let trace_id = self.record.trace_id.clone();
         actix_rt::spawn(async move {
             let logs = router
                 .send(SandboxLogs {
@@ -1119,11 +1129,11 @@ impl RunActor {
             let mut stream = match logs {
                 Ok(Ok(stream)) => stream.fuse(),
                 Ok(Err(err)) => {
-                    tracing::warn!(run_id = %id, error = %err, "provider logs unavailable");
+                    tracing::warn!(run_id = %id, trace_id = %trace_id, error = %err, "provider logs unavailable");
                     return;
                 }
                 Err(err) => {
-                    tracing::warn!(run_id = %id, error = %err, "provider router unavailable");
+                    tracing::warn!(run_id = %id, trace_id = %trace_id, error = %err, "provider router unavailable");
                     return;
                 }
             };
@@ -1135,7 +1145,7 @@ impl RunActor {
                     match item {
                         Ok(line) => batch.push((line.stream, line.line)),
                         Err(err) => {
-                            tracing::warn!(run_id = %id, error = %err, "provider log read failed")
+                            tracing::warn!(run_id = %id, trace_id = %trace_id, error = %err, "provider log read failed")
                         }
                     }
                     if batch.len() < 256 {
@@ -1143,7 +1153,7 @@ impl RunActor {
                     }
                 }
                 if let Err(err) = store.append_logs(id, LogSource::Provider, batch).await {
-                    tracing::warn!(run_id = %id, error = %err, "could not store provider logs");
+                    tracing::warn!(run_id = %id, trace_id = %trace_id, error = %err, "could not store provider logs");
                     return;
                 }
             }
@@ -1183,14 +1193,15 @@ impl RunActor {
     /// The run reached a terminal state.
     fn finish(&mut self, from: RunState, ctx: &mut Context<Self>) {
         let id = self.id;
+        let trace_id = self.record.trace_id.clone();
         let to = self.phase.state;
         for (call_id, call) in self.in_flight.drain() {
             call.span.record("outcome", "abandoned");
-            tracing::debug!(run_id = %id, call_id, tool = %call.tool, "tool call abandoned at run end");
+            tracing::debug!(run_id = %id, trace_id = %trace_id, call_id, tool = %call.tool, "tool call abandoned at run end");
         }
         // The connection stays open until the end is stored: the shim gets its acks first, so it
         // has nothing left to resend (to another replica) once it is closed.
-        tracing::debug!(run_id = %id, state = %to, "run ended; storing its end");
+        tracing::debug!(run_id = %id, trace_id = %trace_id, state = %to, "run ended; storing its end");
         let started = self
             .record
             .state_times
@@ -1229,7 +1240,7 @@ impl RunActor {
             return;
         }
         if seq != self.last_seq + 1 {
-            tracing::warn!(run_id = %self.id, seq, expected = self.last_seq + 1, "sequence gap; asking the shim to resume");
+            tracing::warn!(run_id = %self.id, trace_id = %self.record.trace_id, seq, expected = self.last_seq + 1, "sequence gap; asking the shim to resume");
             if let Some(conn) = &self.connection {
                 if let Err(err) = conn.conn.try_send(ToShim::Close {
                     code: 4000,
@@ -1238,7 +1249,7 @@ impl RunActor {
                         self.last_seq + 1
                     ),
                 }) {
-                    tracing::debug!(run_id = %self.id, error = %err, "connection already gone");
+                    tracing::debug!(run_id = %self.id, trace_id = %self.record.trace_id, error = %err, "connection already gone");
                 }
             }
             return;
@@ -1337,7 +1348,7 @@ impl RunActor {
         ctx: &mut Context<Self>,
     ) {
         if !self.seen_calls.insert(call_id.clone()) {
-            tracing::warn!(run_id = %self.id, call_id, "duplicate tool call id; not executed again");
+            tracing::warn!(run_id = %self.id, trace_id = %self.record.trace_id, call_id, "duplicate tool call id; not executed again");
             return;
         }
         let span = tracing::info_span!(
@@ -1437,7 +1448,7 @@ impl RunActor {
                 Some(failure.code.to_string()),
             ),
         };
-        tracing::debug!(run_id = %self.id, call_id, tool, ok, duration_ms, "tool call finished");
+        tracing::debug!(run_id = %self.id, trace_id = %self.record.trace_id, call_id, tool, ok, duration_ms, "tool call finished");
         self.send(message.clone());
         self.remember_answer(call_id.clone(), message);
         self.agent_activity(ctx);
@@ -1529,7 +1540,7 @@ impl Actor for RunActor {
         ctx.set_mailbox_capacity(4096);
         self.count_state(self.phase.state, 1);
         if self.adopted {
-            tracing::info!(run_id = %self.id, state = %self.phase.state, fence = self.lease.fence, "run adopted");
+            tracing::info!(run_id = %self.id, trace_id = %self.record.trace_id, state = %self.phase.state, fence = self.lease.fence, "run adopted");
             self.apply(Input::Adopted, ctx);
             self.check_commands(ctx);
         } else {
@@ -1541,7 +1552,7 @@ impl Actor for RunActor {
         self.deps.registry.remove(self.id, &ctx.address());
         // A run handed to another replica stops counting here.
         self.count_state(self.phase.state, -1);
-        tracing::debug!(run_id = %self.id, state = %self.phase.state, "run actor stopped");
+        tracing::debug!(run_id = %self.id, trace_id = %self.record.trace_id, state = %self.phase.state, "run actor stopped");
     }
 }
 
@@ -1554,7 +1565,7 @@ impl Handler<Finished> for RunActor {
                 code: 1000,
                 reason: format!("run {}", self.record.state),
             }) {
-                tracing::debug!(run_id = %self.id, error = %err, "connection already gone");
+                tracing::debug!(run_id = %self.id, trace_id = %self.record.trace_id, error = %err, "connection already gone");
             }
         }
         ctx.stop();
@@ -1593,7 +1604,7 @@ impl RunActor {
         ctx.spawn(take.into_actor(self).map(|res, act, ctx| match res {
             Ok(commands) => {
                 for command in commands {
-                    tracing::info!(run_id = %act.id, ?command, "command from another replica");
+                    tracing::info!(run_id = %act.id, trace_id = %act.record.trace_id, ?command, "command from another replica");
                     match command {
                         RunCommand::Stop { grace_s } => act.stop_run(grace_s, ctx),
                         RunCommand::Kill { reason } => act.kill_run(
@@ -1604,7 +1615,7 @@ impl RunActor {
                 }
             }
             Err(err) => {
-                tracing::warn!(run_id = %act.id, error = %err, "could not take the run's commands")
+                tracing::warn!(run_id = %act.id, trace_id = %act.record.trace_id, error = %err, "could not take the run's commands")
             }
         }));
     }
@@ -1634,7 +1645,7 @@ impl Handler<CheckCommands> for RunActor {
 impl Handler<Superseded> for RunActor {
     type Result = ();
     fn handle(&mut self, msg: Superseded, ctx: &mut Context<Self>) {
-        tracing::info!(run_id = %self.id, by = ?msg.by, fence = self.lease.fence, "another replica drives the run now; stepping down");
+        tracing::info!(run_id = %self.id, trace_id = %self.record.trace_id, by = ?msg.by, fence = self.lease.fence, "another replica drives the run now; stepping down");
         for (_, handle) in self.timers.drain() {
             ctx.cancel_future(handle);
         }
@@ -1643,14 +1654,15 @@ impl Handler<Superseded> for RunActor {
         if !commands.is_empty() {
             let store = self.deps.store.clone();
             let id = self.id;
+            let trace_id = self.record.trace_id.clone();
             actix_rt::spawn(async move {
                 for command in commands {
                     match store.push_command(id, &command).await {
                         Ok(owner) => {
-                            tracing::info!(run_id = %id, ?command, ?owner, "command handed to the run's new owner")
+                            tracing::info!(run_id = %id, trace_id = %trace_id, ?command, ?owner, "command handed to the run's new owner")
                         }
                         Err(err) => {
-                            tracing::warn!(run_id = %id, ?command, error = %err, "could not hand a command to the run's new owner")
+                            tracing::warn!(run_id = %id, trace_id = %trace_id, ?command, error = %err, "could not hand a command to the run's new owner")
                         }
                     }
                 }
@@ -1662,7 +1674,7 @@ impl Handler<Superseded> for RunActor {
                 code: CLOSE_RUN_MOVED,
                 reason: "the run moved to another control-plane replica; reconnect".into(),
             }) {
-                tracing::debug!(run_id = %self.id, error = %err, "connection already gone");
+                tracing::debug!(run_id = %self.id, trace_id = %self.record.trace_id, error = %err, "connection already gone");
             }
         }
         ctx.stop();
@@ -1682,7 +1694,7 @@ impl Handler<ShimHello> for RunActor {
                     code: 1000,
                     reason: "replaced by a newer connection".into(),
                 }) {
-                    tracing::debug!(run_id = %self.id, error = %err, "old connection already gone");
+                    tracing::debug!(run_id = %self.id, trace_id = %self.record.trace_id, error = %err, "old connection already gone");
                 }
             }
         }
@@ -1715,7 +1727,7 @@ impl Handler<ShimHello> for RunActor {
             id: msg.conn_id,
             conn: msg.conn,
         });
-        tracing::info!(run_id = %self.id, host = %msg.host, resumed, last_acked = self.last_seq, "shim connected");
+        tracing::info!(run_id = %self.id, trace_id = %self.record.trace_id, host = %msg.host, resumed, last_acked = self.last_seq, "shim connected");
         // Welcome first, then answers the shim missed while away.
         self.send(welcome);
         for call_id in &msg.pending_calls {
@@ -1749,7 +1761,7 @@ impl Handler<ShimFrame> for RunActor {
     type Result = ();
     fn handle(&mut self, msg: ShimFrame, ctx: &mut Context<Self>) {
         if self.connection.as_ref().map(|c| c.id) != Some(msg.conn_id) {
-            tracing::debug!(run_id = %self.id, conn_id = msg.conn_id, "frame from a replaced connection dropped");
+            tracing::debug!(run_id = %self.id, trace_id = %self.record.trace_id, conn_id = msg.conn_id, "frame from a replaced connection dropped");
             return;
         }
         if let ShimMessage::Spans { spans } = msg.message {
@@ -1773,7 +1785,7 @@ impl Handler<ShimGone> for RunActor {
         if self.phase.state.is_terminal() {
             return;
         }
-        tracing::info!(run_id = %self.id, reason = %msg.reason, "shim disconnected");
+        tracing::info!(run_id = %self.id, trace_id = %self.record.trace_id, reason = %msg.reason, "shim disconnected");
         self.record_events(
             vec![EventKind::ShimDisconnected { reason: msg.reason }],
             ctx,

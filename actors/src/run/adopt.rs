@@ -97,7 +97,7 @@ pub async fn adopt(
     }
     record.owner = replica.clone();
     let span = (deps.adopt_span)(&record, &spec.traceparent);
-    tracing::info!(run_id = %id, state = %record.state, previous = ?previous, fence = lease.fence, last_seq, "adopting run");
+    tracing::info!(run_id = %id, trace_id = %record.trace_id, state = %record.state, previous = ?previous, fence = lease.fence, last_seq, "adopting run");
     let addr = RunActor::resume(
         RunSpec {
             record,

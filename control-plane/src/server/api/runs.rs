@@ -260,6 +260,7 @@ pub async fn create_run(
         parent: None,
         "codebolt.run",
         run.id = %id,
+        trace_id = tracing::field::Empty,
         run.agent = %body.agent,
         run.provider = tracing::field::Empty,
         run.state = tracing::field::Empty,
@@ -326,6 +327,8 @@ pub async fn create_run(
     };
 
     let (trace_id, traceparent) = trace_context(&run_span);
+    // On the root span, so every JSON log line within the run names its trace.
+    run_span.record("trace_id", trace_id.as_str());
     let mut env = manifest.env.clone();
     env.extend(body.env.clone().unwrap_or_default());
     let now = received;
@@ -418,7 +421,7 @@ pub async fn create_run(
             )))
         }
     };
-    tracing::info!(run_id = %id, agent = %record.agent, provider = %record.provider, "run created");
+    tracing::info!(run_id = %id, trace_id = %record.trace_id, agent = %record.agent, provider = %record.provider, "run created");
     RunActor::launch(
         RunSpec {
             record: record.clone(),
