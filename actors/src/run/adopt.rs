@@ -87,6 +87,12 @@ pub async fn adopt(
             _ => None,
         },
     };
+    // The previous owner may have stored the sandbox's handle but not yet the record naming it
+    // (a shim that calls back here first, right after its spawn).
+    if let (None, Some(handle)) = (&record.sandbox_id, &sandbox) {
+        record.sandbox_id = Some(handle.id.clone());
+        record.remote_host = Some(handle.remote_host.clone());
+    }
     let last_seq = store.last_seq(id).await?;
     let mut seen_calls = HashSet::new();
     let mut history = store.events(id, 0, false).await?;
