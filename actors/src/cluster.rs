@@ -26,6 +26,10 @@ pub struct ClusterStats {
     pub released: AtomicU64,
 }
 
+/// A run no replica claimed this long after its creation was abandoned by its creator (which
+/// stopped, or lost the store, between creating and claiming it): any replica adopts it.
+pub const UNCLAIMED_AFTER: Duration = Duration::from_secs(10);
+
 pub struct ReplicaKeeper {
     deps: RunDeps,
     /// How long a heartbeat keeps this replica's runs its own.
@@ -104,7 +108,7 @@ impl ReplicaKeeper {
                 Ok(live) => deps.metrics.replicas_live.record(live.len() as u64, &[]),
                 Err(err) => tracing::debug!(error = %err, "could not list live replicas"),
             }
-            match store.orphaned_runs().await {
+            match store.orphaned_runs(UNCLAIMED_AFTER).await {
                 Ok(orphans) => {
                     for id in orphans {
                         if deps.registry.get(id).is_some() {

@@ -784,22 +784,64 @@ mod suite {
             .await
             .unwrap();
         claimed(h.store.claim_run(id, "a", Claim::IfOrphaned).await.unwrap());
-        assert!(h.peer.orphaned_runs().await.unwrap().is_empty());
+        assert!(h
+            .peer
+            .orphaned_runs(Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty());
         assert_eq!(
             h.peer.live_replicas().await.unwrap(),
             vec!["a".to_string(), "b".to_string()]
         );
         tokio::time::sleep(Duration::from_millis(900)).await;
         assert_eq!(h.peer.live_replicas().await.unwrap(), vec!["b".to_string()]);
-        assert_eq!(h.peer.orphaned_runs().await.unwrap(), vec![id]);
+        assert_eq!(
+            h.peer.orphaned_runs(Duration::from_secs(60)).await.unwrap(),
+            vec![id]
+        );
         let outcome = h.peer.claim_run(id, "b", Claim::IfOrphaned).await.unwrap();
         assert!(
             matches!(&outcome, ClaimOutcome::Claimed { previous: Some(p), lease } if p == "a" && lease.fence == 2),
             "{outcome:?}"
         );
         assert!(
-            h.store.orphaned_runs().await.unwrap().is_empty(),
+            h.store
+                .orphaned_runs(Duration::from_secs(60))
+                .await
+                .unwrap()
+                .is_empty(),
             "adopted runs are not orphans"
+        );
+    }
+
+    pub async fn runs_never_claimed_are_orphaned_after_a_while(h: &Harness) {
+        let record = run();
+        let id = record.id;
+        h.store.create_run(&record, None).await.unwrap();
+        let soon = Duration::from_millis(300);
+        assert!(
+            h.peer.orphaned_runs(soon).await.unwrap().is_empty(),
+            "a run just created is its creator's to claim"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(h.peer.orphaned_runs(soon).await.unwrap(), vec![id]);
+        assert!(
+            h.peer
+                .orphaned_runs(Duration::from_secs(60))
+                .await
+                .unwrap()
+                .is_empty(),
+            "not before the given time"
+        );
+        h.peer
+            .heartbeat("b", Duration::from_secs(30))
+            .await
+            .unwrap();
+        claimed(h.peer.claim_run(id, "b", Claim::IfOrphaned).await.unwrap());
+        assert!(
+            h.peer.orphaned_runs(soon).await.unwrap().is_empty(),
+            "claimed runs are not orphans"
         );
     }
 
@@ -975,6 +1017,7 @@ conformance!(
     claims_raise_the_fence_and_refuse_older_owners,
     write_run_applies_events_logs_record_and_seq,
     runs_of_a_lapsed_replica_are_orphaned,
+    runs_never_claimed_are_orphaned_after_a_while,
     commands_queue_for_the_owner_and_notify_it,
     slots_admit_exactly_the_limit,
     blobs_round_trip,

@@ -723,3 +723,65 @@ printf '%s\n' '{"type":"done","result":"ok"}'
         "only {about_the_run} lines about the run:\n{log}"
     );
 }
+
+#[tokio::test]
+async fn a_run_its_creator_never_claimed_is_adopted_and_runs() {
+    use actors::run::StoredSpec;
+    use actors::store::redis::{RedisSettings, RedisStore};
+    use actors::store::RunStore;
+
+    let mut cluster = Cluster::start(
+        2,
+        Workspace::new().agent("good", AGENT),
+        ClusterSetup::default(),
+    )
+    .await;
+    // A run as a creator leaves it when it stops between storing the run and claiming it: the
+    // record and its spec stored, no lease. Made from a real run's spec, under a new id.
+    let template = cluster.start_run_on(0, "good", "template").await;
+    cluster.wait_terminal_on(0, template.id, WAIT).await;
+    let store = RedisStore::open(
+        &cluster.redis().url(),
+        cluster.cluster_id(),
+        RedisSettings::default(),
+    )
+    .expect("open the cluster's store");
+    let spec = store
+        .get_blob(&StoredSpec::blob_key(template.id))
+        .await
+        .unwrap()
+        .expect("the template's spec");
+    let mut record = template.clone();
+    record.id = uuid::Uuid::new_v4();
+    // The bundle is served per run: the copy names its own.
+    let mut spec: StoredSpec = serde_json::from_slice(&spec).expect("a stored spec");
+    spec.bundle.url = spec
+        .bundle
+        .url
+        .replace(&template.id.to_string(), &record.id.to_string());
+    let spec = serde_json::to_vec(&spec).unwrap();
+    record.state = RunState::Pending;
+    record.state_times = [(RunState::Pending, chrono::Utc::now())].into();
+    record.task = "abandoned at birth".into();
+    record.owner = "a-replica-that-stopped".into();
+    record.sandbox_id = None;
+    record.remote_host = None;
+    record.exit_code = None;
+    record.termination = None;
+    record.result = None;
+    store
+        .put_blob(&StoredSpec::blob_key(record.id), &spec)
+        .await
+        .unwrap();
+    store.create_run(&record, None).await.unwrap();
+
+    // Found once it has gone unclaimed for `UNCLAIMED_AFTER`, adopted by a live replica, run.
+    let within = actors::cluster::UNCLAIMED_AFTER + WAIT;
+    let done = cluster.wait_terminal_on(1, record.id, within).await;
+    assert_eq!(done.state, RunState::Succeeded, "{:?}", done.failure);
+    assert!(
+        (0..2).any(|i| cluster.replica(i).is_owner(&done.owner)),
+        "owner {}",
+        done.owner
+    );
+}

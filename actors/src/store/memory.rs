@@ -75,6 +75,8 @@ struct RunSlot {
     record: Option<RunRecord>,
     /// Owner and fence.
     lease: Option<(String, u64)>,
+    /// When `create_run` stored it (for runs never claimed).
+    created: Option<Instant>,
     last_seq: u64,
     /// Fence and number of the last numbered write applied.
     applied: (u64, u64),
@@ -240,7 +242,9 @@ impl RunStore for MemoryStore {
             inner.idempotency.insert(key.to_string(), record.id);
         }
         inner.order.push(record.id);
-        inner.runs.entry(record.id).or_default().record = Some(record.clone());
+        let slot = inner.runs.entry(record.id).or_default();
+        slot.record = Some(record.clone());
+        slot.created = Some(Instant::now());
         Ok(CreateOutcome::Created)
     }
 
@@ -547,7 +551,7 @@ impl RunStore for MemoryStore {
         Ok(self.lock().slot(id)?.last_seq)
     }
 
-    async fn orphaned_runs(&self) -> Result<Vec<RunId>, StoreError> {
+    async fn orphaned_runs(&self, unclaimed_after: Duration) -> Result<Vec<RunId>, StoreError> {
         let inner = self.lock();
         Ok(inner
             .order
@@ -555,10 +559,12 @@ impl RunStore for MemoryStore {
             .filter(|id| {
                 inner.runs.get(id).is_some_and(|slot| {
                     slot.record.as_ref().is_some_and(|r| !r.state.is_terminal())
-                        && slot
-                            .lease
-                            .as_ref()
-                            .is_some_and(|(owner, _)| !inner.alive(owner))
+                        && match &slot.lease {
+                            Some((owner, _)) => !inner.alive(owner),
+                            None => slot
+                                .created
+                                .is_some_and(|at| at.elapsed() >= unclaimed_after),
+                        }
                 })
             })
             .copied()

@@ -279,8 +279,10 @@ pub trait RunStore: Send + Sync + 'static {
     /// The highest shim sequence number stored for the run (0 when none).
     async fn last_seq(&self, id: RunId) -> Result<u64, StoreError>;
 
-    /// Runs owned by replicas whose heartbeat lapsed.
-    async fn orphaned_runs(&self) -> Result<Vec<RunId>, StoreError>;
+    /// Runs owned by replicas whose heartbeat lapsed, and runs created longer than
+    /// `unclaimed_after` ago that no replica ever claimed (their creator stopped, or lost the
+    /// store, between creating and claiming them).
+    async fn orphaned_runs(&self, unclaimed_after: Duration) -> Result<Vec<RunId>, StoreError>;
 
     /// Queues a command for the run and notifies its owner; returns the owner if it is alive.
     async fn push_command(

@@ -117,6 +117,7 @@ local current = redis.call('GET', KEYS[1])
 if current then return {'existing', current} end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+redis.call('ZADD', ARGV[5], ARGV[2], ARGV[3])
 if KEYS[3] then redis.call('SET', KEYS[3], ARGV[3]) end
 return {'created'}
 ";
@@ -202,6 +203,7 @@ if ARGV[2] == 'orphaned' and owner and redis.call('EXISTS', ARGV[3] .. 'replica:
 end
 fence = fence + 1
 redis.call('HSET', KEYS[1], 'replica', ARGV[1], 'fence', fence)
+redis.call('ZREM', ARGV[3] .. 'unclaimed', ARGV[4])
 if owner then redis.call('SREM', ARGV[3] .. 'owned:' .. owner, ARGV[4]) end
 redis.call('SADD', ARGV[3] .. 'owned:' .. ARGV[1], ARGV[4])
 redis.call('SADD', ARGV[3] .. 'replicas', ARGV[1])
@@ -265,6 +267,11 @@ for _, replica in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     if #owned == 0 then redis.call('SREM', KEYS[1], replica) end
     for _, id in ipairs(owned) do table.insert(found, id) end
   end
+end
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', ARGV[1] .. 'unclaimed', '-inf', now_ms - tonumber(ARGV[2]))) do
+  table.insert(found, id)
 end
 return found
 ";
@@ -862,6 +869,7 @@ impl RunStore for RedisStore {
                     .arg(record.created_at.timestamp_millis())
                     .arg(record.id.to_string())
                     .arg(inner.key("run:"))
+                    .arg(inner.key("unclaimed"))
                     .invoke_async(&mut conn)
                     .await
                     .map_err(|err| inner.error(err))
@@ -1394,8 +1402,9 @@ impl RunStore for RedisStore {
         Ok(seq.unwrap_or(0))
     }
 
-    async fn orphaned_runs(&self) -> Result<Vec<RunId>, StoreError> {
+    async fn orphaned_runs(&self, unclaimed_after: Duration) -> Result<Vec<RunId>, StoreError> {
         let inner = &self.inner;
+        let unclaimed_after = unclaimed_after.as_millis() as u64;
         let ids: Vec<String> = inner
             .call("orphaned_runs", move |mut conn| async move {
                 inner
@@ -1403,6 +1412,7 @@ impl RunStore for RedisStore {
                     .orphaned
                     .key(inner.key("replicas"))
                     .arg(&inner.prefix)
+                    .arg(unclaimed_after)
                     .invoke_async(&mut conn)
                     .await
                     .map_err(|err| inner.error(err))

@@ -376,19 +376,6 @@ pub async fn create_run(
             }
         }
     };
-    match state.store.create_run(&record, key.as_deref()).await {
-        Ok(CreateOutcome::Created) => {}
-        Ok(CreateOutcome::Existing(existing)) => {
-            if existing.id != id {
-                release_slot().await;
-            }
-            return replay(*existing);
-        }
-        Err(err) => {
-            release_slot().await;
-            return Err(err.into());
-        }
-    }
     let bundle_info = BundleInfo {
         // A path: each sandbox resolves it against its own callback URL.
         url: format!("/v1/sandbox/runs/{id}/bundle/{}", bundle.sha256),
@@ -405,10 +392,29 @@ pub async fn create_run(
     };
     let stored = serde_json::to_vec(&stored)
         .map_err(|err| ApiError::internal(format!("could not encode the run spec: {err}")))?;
-    state
+    // Stored before the run exists, so a replica that adopts a run whose creator stopped right
+    // after creating it always finds what it needs to drive it.
+    if let Err(err) = state
         .store
         .put_blob(&StoredSpec::blob_key(id), &stored)
-        .await?;
+        .await
+    {
+        release_slot().await;
+        return Err(err.into());
+    }
+    match state.store.create_run(&record, key.as_deref()).await {
+        Ok(CreateOutcome::Created) => {}
+        Ok(CreateOutcome::Existing(existing)) => {
+            if existing.id != id {
+                release_slot().await;
+            }
+            return replay(*existing);
+        }
+        Err(err) => {
+            release_slot().await;
+            return Err(err.into());
+        }
+    }
     let lease = match state
         .store
         .claim_run(id, &state.replica_id, Claim::IfOrphaned)
