@@ -22,6 +22,7 @@
 //! | `replica:<name>` | string | present while the replica's heartbeat is current (PX expiry) |
 //! | `replicas` | set | replicas that own or owned runs |
 //! | `owned:<name>` | set | live runs a replica owns |
+//! | `unclaimed` | sorted set | runs created but never claimed, score = creation time in ms |
 //! | `cmds:<id>` | list | commands (stop, kill) for the run's owner, as JSON |
 //! | `cmdq` | set | runs with queued commands |
 //! | `slots:<scope>` | set | runs holding a slot of a concurrency limit |
