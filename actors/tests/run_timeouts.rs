@@ -21,7 +21,7 @@ use ::actors::store::memory::MemoryStore;
 use ::actors::store::RunStore;
 use ::actors::tools::{ToolFailure, ToolHost};
 use actix::prelude::*;
-use agent_shim::protocol::{BundleInfo, ServerMessage, ShimMessage};
+use agent_shim::protocol::{AnsweredCall, BundleInfo, ServerMessage, ShimMessage};
 use async_trait::async_trait;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -94,9 +94,16 @@ impl Provider for ScriptedProvider {
 /// `slow` never finishes; anything else echoes its arguments.
 struct ScriptedTools;
 
+/// Every tool call executed, by run: (run id, tool, args).
+static EXECUTED: Mutex<Vec<(Uuid, String, Value)>> = Mutex::new(Vec::new());
+
 #[async_trait]
 impl ToolHost for ScriptedTools {
-    async fn call(&self, _: Uuid, tool: &str, args: Value) -> Result<Value, ToolFailure> {
+    async fn call(&self, run: Uuid, tool: &str, args: Value) -> Result<Value, ToolFailure> {
+        EXECUTED
+            .lock()
+            .unwrap()
+            .push((run, tool.to_string(), args.clone()));
         if tool == "slow" {
             std::future::pending::<()>().await;
         }
@@ -286,6 +293,7 @@ async fn connect(run: &Addr<RunActor>, conn_id: u64) -> Arc<Mutex<Vec<ToShim>>> 
         host: "sandbox".into(),
         resume_from: None,
         pending_calls: vec![],
+        answered_calls: vec![],
     })
     .await
     .unwrap()
@@ -407,6 +415,104 @@ async fn run_ttl_is_not_reset_by_activity() {
         .await;
     assert_eq!(record.failure.unwrap().kind, FailureKind::RunTimeout);
     assert_eq!(record.exit_code, Some(143));
+}
+
+#[actix_rt::test]
+async fn a_call_the_shim_already_has_an_answer_to_is_recorded_not_executed_again() {
+    tokio::time::pause();
+    let h = harness(SpawnMode::Succeed);
+    let (id, run) = h.launch(None).await;
+    h.advance_until(id, RunState::Starting, Duration::from_secs(1))
+        .await;
+    // The replica that answered c1 stopped before recording it; the shim says so on its hello
+    // to this one and resends the call's frame (never acked).
+    let inbox = Arc::new(Mutex::new(Vec::new()));
+    let addr = Inbox(inbox.clone()).start();
+    run.send(ShimHello {
+        conn_id: 1,
+        conn: addr.recipient(),
+        host: "sandbox".into(),
+        resume_from: Some(0),
+        pending_calls: vec!["c2".into()],
+        answered_calls: vec![AnsweredCall {
+            call_id: "c1".into(),
+            ok: false,
+            error_code: Some("not_found".into()),
+        }],
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    for (seq, call) in [(1, "c1"), (2, "c2")] {
+        run.send(ShimFrame {
+            conn_id: 1,
+            queued: None,
+            message: ShimMessage::ToolCall {
+                seq,
+                call_id: call.into(),
+                tool: "echo".into(),
+                args: json!({ "call": call }),
+            },
+        })
+        .await
+        .unwrap();
+    }
+    let mut tries = 0;
+    let results = loop {
+        tries += 1;
+        let results: Vec<(String, bool, Option<String>)> = {
+            use futures_util::StreamExt;
+            h.store
+                .events(id, 0, false)
+                .await
+                .unwrap()
+                .filter_map(|e| async move {
+                    match e.unwrap().kind {
+                        ::actors::model::EventKind::ToolResult {
+                            call_id,
+                            ok,
+                            error_code,
+                            ..
+                        } => Some((call_id, ok, error_code)),
+                        _ => None,
+                    }
+                })
+                .collect()
+                .await
+        };
+        if results.len() == 2 || tries > 250 {
+            break results;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        results.contains(&("c1".into(), false, Some("not_found".into()))),
+        "c1 recorded as the shim reported it: {results:?}"
+    );
+    assert!(
+        results.iter().any(|(c, ok, _)| c == "c2" && *ok),
+        "{results:?}"
+    );
+    let executed: Vec<Value> = EXECUTED
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(run, _, _)| *run == id)
+        .map(|(_, _, args)| args.clone())
+        .collect();
+    assert_eq!(executed, vec![json!({"call": "c2"})], "only c2 executed");
+    let frames = inbox.lock().unwrap();
+    let answered: Vec<&str> = frames
+        .iter()
+        .filter_map(|m| match m {
+            ToShim::Frame(ServerMessage::ToolResult { call_id, .. }) => Some(call_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(answered, ["c2"], "no second answer to c1");
+    assert!(frames
+        .iter()
+        .any(|m| matches!(m, ToShim::Frame(ServerMessage::Ack { seq: 2 }))));
 }
 
 #[actix_rt::test]

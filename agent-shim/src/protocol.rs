@@ -63,6 +63,11 @@ pub enum ShimMessage {
         /// Tool calls sent but not yet answered, so the server can answer them again.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         pending_calls: Vec<String>,
+        /// Tool calls the agent got an answer to whose `tool_call` frames were not acked yet: a
+        /// server that receives them again (another replica, after the one that answered
+        /// stopped) records them without executing them a second time.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        answered_calls: Vec<AnsweredCall>,
     },
     AgentEvent {
         seq: u64,
@@ -99,6 +104,15 @@ pub enum ShimMessage {
     /// and batched. Not sequenced: telemetry, best effort. The control plane exports them as
     /// children of the `TRACEPARENT` it gave the sandbox, so they join the run's trace.
     Spans { spans: Vec<ShimSpan> },
+}
+
+/// A tool call the shim has the answer to, as `hello` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnsweredCall {
+    pub call_id: String,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
 }
 
 /// One finished span of the shim. Times are nanoseconds since the Unix epoch on the shim's clock.

@@ -127,6 +127,7 @@ async fn drive(
         host: "load-tests".into(),
         resume_from: None,
         pending_calls: Vec::new(),
+        answered_calls: Vec::new(),
     };
     ws.send(Message::Text(serde_json::to_string(&hello)?))
         .await?;

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use agent_shim::protocol::{
-    AgentEventPayload, BundleInfo, LogStream as ShimLogStream, ServerMessage, ShimMessage,
-    ShimSpan, ToolError, PROTOCOL_VERSION,
+    AgentEventPayload, AnsweredCall, BundleInfo, LogStream as ShimLogStream, ServerMessage,
+    ShimMessage, ShimSpan, ToolError, PROTOCOL_VERSION,
 };
 use chrono::Utc;
 use futures_util::{FutureExt, StreamExt};
@@ -529,6 +529,9 @@ pub struct RunActor {
     answered_order: VecDeque<String>,
     /// Call ids already executed, so a resent call is not executed twice.
     seen_calls: HashSet<String>,
+    /// Calls the shim already has answers to (from a replica that stopped before recording
+    /// them): recorded when their frames arrive, not executed again.
+    answered_elsewhere: HashMap<String, AnsweredCall>,
     /// Open while the sandbox is up but the shim has not called back yet.
     waiting_span: Option<tracing::Span>,
     /// Open from a stop or kill request until the run ends.
@@ -628,6 +631,7 @@ impl RunActor {
                 answered: HashMap::new(),
                 answered_order: VecDeque::new(),
                 seen_calls: HashSet::new(),
+                answered_elsewhere: HashMap::new(),
                 held_exit: None,
                 waiting_span: None,
                 ending_span: None,
@@ -1288,7 +1292,22 @@ impl RunActor {
                     call_id: call_id.clone(),
                     tool: tool.clone(),
                 });
-                self.start_tool_call(call_id, tool, args, ctx);
+                match self.answered_elsewhere.remove(&call_id) {
+                    // Executed and answered by the replica that drove the run before; its
+                    // record was lost with it. The agent has its answer: record, do not repeat.
+                    Some(answered) => {
+                        tracing::info!(run_id = %self.id, trace_id = %self.record.trace_id, call_id, tool, "tool call answered before this replica took over; recorded, not executed again");
+                        self.seen_calls.insert(call_id.clone());
+                        events.push(EventKind::ToolResult {
+                            call_id,
+                            tool,
+                            ok: answered.ok,
+                            duration_ms: 0,
+                            error_code: answered.error_code,
+                        });
+                    }
+                    None => self.start_tool_call(call_id, tool, args, ctx),
+                }
             }
             ShimMessage::Log { stream, line, .. } => {
                 self.agent_activity(ctx);
@@ -1699,6 +1718,12 @@ impl Handler<ShimHello> for RunActor {
             }
         }
         let resumed = msg.resume_from.is_some() || self.agent_started;
+        for answered in msg.answered_calls {
+            if !self.seen_calls.contains(&answered.call_id) {
+                self.answered_elsewhere
+                    .insert(answered.call_id.clone(), answered);
+            }
+        }
         let _connect = tracing::info_span!(
             parent: &self.spec.span,
             "shim.connect",

@@ -1,7 +1,7 @@
 //! Messages a `RunActor` handles, named as verbs.
 
 use actix::prelude::*;
-use agent_shim::protocol::ShimMessage;
+use agent_shim::protocol::{AnsweredCall, ShimMessage};
 
 use crate::metrics::{QueueCounter, QueuedMessage};
 use crate::sandbox_connection::messages::ToShim;
@@ -30,6 +30,8 @@ pub struct ShimHello {
     pub host: String,
     pub resume_from: Option<u64>,
     pub pending_calls: Vec<String>,
+    /// Calls the shim has answers to whose frames may not be recorded yet.
+    pub answered_calls: Vec<AnsweredCall>,
 }
 
 /// A frame from the shim on the run's current connection.

@@ -172,6 +172,7 @@ impl SandboxConnection {
                     host,
                     resume_from,
                     pending_calls,
+                    answered_calls,
                 },
             ) => {
                 if let Err(reason) = check_protocol_version(protocol_version) {
@@ -217,6 +218,7 @@ impl SandboxConnection {
                             host,
                             resume_from,
                             pending_calls,
+                            answered_calls,
                         })
                         .await
                         // The actor stopped in between (the run moved to another replica): not

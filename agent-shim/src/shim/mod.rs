@@ -299,6 +299,7 @@ impl Shim {
             host: self.host.clone(),
             resume_from: self.welcomed.then(|| self.outbox.acked()),
             pending_calls: self.pending.ids(),
+            answered_calls: self.pending.answered_unacked(),
         };
         let url = self.config.connect_url.clone();
         let token = self.config.token.clone();
@@ -459,7 +460,8 @@ impl Shim {
                 result,
                 error,
             } => {
-                if !self.pending.remove(&call_id) {
+                let code = error.as_ref().map(|e| e.code.clone());
+                if !self.pending.answer(&call_id, ok, code) {
                     tracing::warn!(%call_id, "ignoring a result for a tool call that is not pending");
                     return;
                 }
@@ -493,7 +495,9 @@ impl Shim {
     }
 
     fn on_ack(&mut self, seq: u64) {
-        if let AckOutcome::BeyondSent { highest_sent } = self.outbox.ack(seq) {
+        let outcome = self.outbox.ack(seq);
+        self.pending.acked(self.outbox.acked());
+        if let AckOutcome::BeyondSent { highest_sent } = outcome {
             tracing::warn!(
                 seq,
                 highest_sent,
@@ -784,6 +788,7 @@ impl Shim {
             } => {
                 let id = call_id.clone();
                 let tool_name = tool.clone();
+                let seq = self.outbox.next_seq();
                 let pushed = self
                     .push(|seq| ShimMessage::ToolCall {
                         seq,
@@ -795,7 +800,7 @@ impl Shim {
                 match pushed {
                     Ok(()) => {
                         self.spans.call_started(&id, &tool_name);
-                        self.pending.insert(id);
+                        self.pending.insert(id, seq);
                         if self.spans.batch_due() {
                             self.send_spans().await;
                         }

@@ -1,6 +1,8 @@
 //! Sequenced messages kept until the server acknowledges them, and tool calls awaiting results.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use crate::protocol::AnsweredCall;
 
 /// Default bounds: the agent's output stops being read when either is reached.
 pub const MAX_MESSAGES: usize = 8192;
@@ -139,29 +141,56 @@ impl Outbox {
 /// Tool calls sent to the server and not yet answered, in the order they were made.
 #[derive(Debug, Default)]
 pub struct PendingCalls {
+    /// Unanswered calls by id: the seq of their `tool_call` frame.
     by_id: HashMap<String, u64>,
-    counter: u64,
+    /// Answered calls whose `tool_call` frame is not acked yet, by that frame's seq.
+    answered: BTreeMap<u64, AnsweredCall>,
 }
 
 impl PendingCalls {
-    pub fn insert(&mut self, call_id: String) {
-        self.counter += 1;
-        self.by_id.insert(call_id, self.counter);
+    /// A call sent in the frame numbered `seq`.
+    pub fn insert(&mut self, call_id: String, seq: u64) {
+        self.by_id.insert(call_id, seq);
     }
 
     /// Marks a call answered; false if it was not pending (unknown or answered before).
-    pub fn remove(&mut self, call_id: &str) -> bool {
-        self.by_id.remove(call_id).is_some()
+    pub fn answer(&mut self, call_id: &str, ok: bool, error_code: Option<String>) -> bool {
+        match self.by_id.remove(call_id) {
+            Some(seq) => {
+                self.answered.insert(
+                    seq,
+                    AnsweredCall {
+                        call_id: call_id.to_string(),
+                        ok,
+                        error_code,
+                    },
+                );
+                true
+            }
+            None => false,
+        }
     }
 
+    /// Frames up to `seq` are stored by the server: their answered calls are settled.
+    pub fn acked(&mut self, seq: u64) {
+        self.answered = self.answered.split_off(&(seq + 1));
+    }
+
+    /// Unanswered calls, in the order they were made.
     pub fn ids(&self) -> Vec<String> {
         let mut ids: Vec<(&String, &u64)> = self.by_id.iter().collect();
-        ids.sort_by_key(|(_, order)| **order);
+        ids.sort_by_key(|(_, seq)| **seq);
         ids.into_iter().map(|(id, _)| id.clone()).collect()
+    }
+
+    /// Answered calls the server may not have recorded yet, in the order they were made.
+    pub fn answered_unacked(&self) -> Vec<AnsweredCall> {
+        self.answered.values().cloned().collect()
     }
 
     pub fn clear(&mut self) {
         self.by_id.clear();
+        self.answered.clear();
     }
 }
 
@@ -240,11 +269,37 @@ mod tests {
     #[test]
     fn pending_calls_keep_call_order_and_answer_once() {
         let mut pending = PendingCalls::default();
-        pending.insert("c2".into());
-        pending.insert("c1".into());
-        pending.insert("c3".into());
-        assert!(pending.remove("c1"));
-        assert!(!pending.remove("c1"));
+        pending.insert("c2".into(), 1);
+        pending.insert("c1".into(), 2);
+        pending.insert("c3".into(), 4);
+        assert!(pending.answer("c1", true, None));
+        assert!(!pending.answer("c1", true, None));
         assert_eq!(pending.ids(), vec!["c2".to_owned(), "c3".to_owned()]);
+    }
+
+    #[test]
+    fn answered_calls_are_listed_until_their_frame_is_acked() {
+        let mut pending = PendingCalls::default();
+        pending.insert("c1".into(), 3);
+        pending.insert("c2".into(), 5);
+        pending.insert("c3".into(), 7);
+        assert!(pending.answer("c2", false, Some("not_found".into())));
+        assert!(pending.answer("c1", true, None));
+        let ids = |p: &PendingCalls| -> Vec<String> {
+            p.answered_unacked()
+                .into_iter()
+                .map(|a| a.call_id)
+                .collect()
+        };
+        assert_eq!(ids(&pending), ["c1", "c2"]);
+        assert_eq!(
+            pending.answered_unacked()[1].error_code.as_deref(),
+            Some("not_found")
+        );
+        pending.acked(3);
+        assert_eq!(ids(&pending), ["c2"]);
+        pending.acked(6);
+        assert!(ids(&pending).is_empty());
+        assert_eq!(pending.ids(), ["c3"]);
     }
 }

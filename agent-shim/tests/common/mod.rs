@@ -262,6 +262,7 @@ impl ServerConn {
                 host,
                 resume_from,
                 pending_calls,
+                ..
             } => {
                 assert_eq!(run_id, RUN_ID);
                 assert_eq!(protocol_version, agent_shim::protocol::PROTOCOL_VERSION);

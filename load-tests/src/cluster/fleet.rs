@@ -401,6 +401,7 @@ impl Shim {
             host: format!("load-tests-{}", self.index),
             resume_from: self.welcomed_once.then_some(self.acked),
             pending_calls: self.call.iter().map(|c| c.id.clone()).collect(),
+            answered_calls: Vec::new(),
         };
         let opened = Instant::now();
         let (mut ws, last_acked, heartbeat_ms) =
