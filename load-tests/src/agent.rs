@@ -3,7 +3,7 @@
 //! written → matching tool_result line read) and reports the figures in its `done` line.
 
 use std::io::{BufRead, Write};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use agent_shim::protocol::agent::{FromAgent, ToAgent};
 use anyhow::{bail, Context};
@@ -11,7 +11,7 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::stats::{Latencies, Summary};
+use crate::stats::{Budget, Latencies, Summary};
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
@@ -21,6 +21,9 @@ pub struct AgentArgs {
     /// Calls made first and left out of the figures.
     #[arg(long, default_value_t = 200)]
     pub warmup: u64,
+    /// Measure for this long instead of a number of calls.
+    #[arg(long)]
+    pub duration_ms: Option<u64>,
     #[arg(long, default_value = "fs.read_file")]
     pub tool: String,
     /// `path` argument of each call.
@@ -52,13 +55,22 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         _ => bail!("expected a task line first, got {line:?}"),
     }
 
+    let budget = Budget {
+        warmup: args.warmup,
+        calls: args.calls,
+        duration: args.duration_ms.map(Duration::from_millis),
+    };
     let mut latencies = Latencies::default();
     let mut errors = 0;
     let (mut call_line_bytes, mut result_line_bytes) = (0, 0);
     let mut measured_from = Instant::now();
-    for i in 0..args.warmup + args.calls {
-        if i == args.warmup {
+    let mut measured = 0;
+    for i in 0.. {
+        if i == budget.warmup {
             measured_from = Instant::now();
+        }
+        if i >= budget.warmup && budget.spent(measured, measured_from) {
+            break;
         }
         let id = format!("c{i}");
         let call = serde_json::to_string(&FromAgent::ToolCall {
@@ -87,15 +99,16 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         if !ok {
             errors += 1;
         }
-        if i >= args.warmup {
+        if i >= budget.warmup {
             latencies.record(elapsed);
+            measured += 1;
         }
     }
-    let measured = measured_from.elapsed();
+    let elapsed = measured_from.elapsed();
 
     let report = AgentReport {
         latency: latencies.summary(),
-        calls_per_s: args.calls as f64 / measured.as_secs_f64(),
+        calls_per_s: measured as f64 / elapsed.as_secs_f64(),
         errors,
         call_line_bytes,
         result_line_bytes,

@@ -6,7 +6,7 @@
 
 mod fleet;
 mod lb;
-mod procs;
+pub(crate) mod procs;
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};

@@ -10,6 +10,7 @@ use actors::model::{RunEvent, RunRecord};
 use actors::run::RunTimeouts;
 use anyhow::{bail, ensure, Context};
 use codebolt::server::ServerOptions;
+use codebolt::telemetry::TelemetrySettings;
 use serde_json::json;
 
 /// A binary built next to this one (`target/release/agent-shim`).
@@ -97,6 +98,18 @@ impl InProcessServer {
         timeouts: RunTimeouts,
         workers: usize,
     ) -> anyhow::Result<Self> {
+        Self::start_traced(workspace, providers, timeouts, workers, None)
+    }
+
+    /// As `start`, with `telemetry::init(telemetry)` (the process-wide subscriber, span and metric
+    /// export) done first on the server's thread, as `codebolt server` does on its main thread.
+    pub fn start_traced(
+        workspace: &Path,
+        providers: &[LocalProvider],
+        timeouts: RunTimeouts,
+        workers: usize,
+        telemetry: Option<TelemetrySettings>,
+    ) -> anyhow::Result<Self> {
         let config_dir = tempfile::Builder::new()
             .prefix("codebolt-load-cfg-")
             .tempdir()?;
@@ -122,17 +135,38 @@ impl InProcessServer {
             run_timeouts: Some(timeouts),
             workers: Some(workers),
         };
-        Self::launch(options, vec![config_dir, work_root])
+        Self::launch_traced(options, vec![config_dir, work_root], telemetry)
     }
 
     /// Starts the server with `options` on its own thread; `dirs` live as long as it does.
     pub fn launch(options: ServerOptions, dirs: Vec<tempfile::TempDir>) -> anyhow::Result<Self> {
+        Self::launch_traced(options, dirs, None)
+    }
+
+    /// As `launch`, with telemetry installed first when given; the server's shutdown then
+    /// flushes the spans and metrics still buffered.
+    pub fn launch_traced(
+        options: ServerOptions,
+        dirs: Vec<tempfile::TempDir>,
+        telemetry: Option<TelemetrySettings>,
+    ) -> anyhow::Result<Self> {
         let (ready_tx, ready_rx) = mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("codebolt-server".into())
             .spawn(move || {
                 actix_rt::System::new().block_on(async move {
+                    // In the runtime: the gRPC exporter's channel lives on it.
+                    let telemetry = match telemetry.as_ref().map(codebolt::telemetry::init) {
+                        None => None,
+                        Some(Ok(telemetry)) => Some(telemetry),
+                        Some(Err(err)) => {
+                            let message = format!("telemetry: {err}");
+                            // The receiver reports the error; nothing else to do here.
+                            drop(ready_tx.send(Err(message.clone())));
+                            bail!("server did not start: {message}");
+                        }
+                    };
                     let server = match codebolt::server::start(options).await {
                         Ok(server) => server,
                         Err(err) => {
@@ -145,7 +179,14 @@ impl InProcessServer {
                     drop(ready_tx.send(Ok(server.base_url.clone())));
                     // A dropped sender also means stop.
                     drop(stop_rx.await);
-                    server.stop().await.context("server stop")
+                    let stopped = server.stop().await.context("server stop");
+                    if let Some(telemetry) = telemetry {
+                        // Flushing blocks until the exporter is done: off the async thread.
+                        actix_rt::task::spawn_blocking(move || telemetry.shutdown())
+                            .await
+                            .context("telemetry flush")?;
+                    }
+                    stopped
                 })
             })?;
         let base_url = match ready_rx.recv_timeout(Duration::from_secs(30)) {

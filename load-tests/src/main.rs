@@ -8,10 +8,12 @@ mod cluster;
 mod docker_spawn;
 mod echo;
 mod fixture;
+mod otlp;
 mod sim_shim;
 mod spawn;
 mod stats;
 mod toolcall;
+mod trace_overhead;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +34,11 @@ enum Command {
     Cluster(cluster::ClusterArgs),
     /// Spawn-to-connected of the Docker provider next to plain `docker run` of the same image.
     DockerSpawn(docker_spawn::DockerSpawnArgs),
+    /// Tool-call throughput with span export over OTLP off and on, alternating, each a fresh process.
+    TraceOverhead(trace_overhead::TraceOverheadArgs),
+    /// One measurement of `trace-overhead`, with telemetry installed in this process.
+    #[command(hide = true)]
+    TraceOverheadChild(trace_overhead::ChildArgs),
     /// The agent the toolcall scenario runs in its sandbox (speaks SPEC §7a on stdin/stdout).
     #[command(hide = true)]
     Agent(agent::AgentArgs),
@@ -45,6 +52,8 @@ fn main() -> anyhow::Result<()> {
         Command::Toolcall(args) => runtime()?.block_on(toolcall::run(args)),
         Command::Cluster(args) => runtime()?.block_on(cluster::run(args)),
         Command::DockerSpawn(args) => runtime()?.block_on(docker_spawn::run(args)),
+        Command::TraceOverhead(args) => runtime()?.block_on(trace_overhead::run(args)),
+        Command::TraceOverheadChild(args) => runtime()?.block_on(trace_overhead::child(args)),
     }
 }
 

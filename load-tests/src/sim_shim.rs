@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::fixture::Api;
-use crate::stats::{Latencies, Summary};
+use crate::stats::{Budget, Latencies, Summary};
 
 /// Name of the provider whose sandboxes only sleep.
 pub const PROVIDER: &str = "sleeper";
@@ -59,8 +59,7 @@ pub async fn measure(
     agent: &str,
     tool: &str,
     path: &str,
-    warmup: u64,
-    calls: u64,
+    budget: Budget,
     quickack: bool,
 ) -> anyhow::Result<SimFigures> {
     let created = api
@@ -97,7 +96,7 @@ pub async fn measure(
         protocol::CONNECT_PATH
     );
 
-    let res = drive(&ws_url, token, &id, tool, path, (warmup, calls), quickack).await;
+    let res = drive(&ws_url, token, &id, tool, path, budget, quickack).await;
     api.kill(&id).await?;
     api.wait_end(&id).await?;
     res
@@ -109,7 +108,7 @@ async fn drive(
     run_id: &str,
     tool: &str,
     path: &str,
-    (warmup, calls): (u64, u64),
+    budget: Budget,
     quickack: bool,
 ) -> anyhow::Result<SimFigures> {
     let mut request = ws_url.into_client_request()?;
@@ -139,9 +138,13 @@ async fn drive(
     let mut latencies = Latencies::default();
     let (mut call_frame_bytes, mut result_frame_bytes) = (0, 0);
     let mut measured_from = Instant::now();
-    for i in 0..warmup + calls {
-        if i == warmup {
+    let mut measured = 0;
+    for i in 0.. {
+        if i == budget.warmup {
             measured_from = Instant::now();
+        }
+        if i >= budget.warmup && budget.spent(measured, measured_from) {
+            break;
         }
         let call_id = format!("s{i}");
         let frame = serde_json::to_string(&ShimMessage::ToolCall {
@@ -176,15 +179,16 @@ async fn drive(
                 (other, _) => bail!("unexpected frame {other:?}"),
             }
         }
-        if i >= warmup {
+        if i >= budget.warmup {
             latencies.record(sent.elapsed());
+            measured += 1;
         }
     }
-    let measured = measured_from.elapsed();
+    let elapsed = measured_from.elapsed();
     ws.close(None).await?;
     Ok(SimFigures {
         latency: latencies.summary(),
-        per_s: calls as f64 / measured.as_secs_f64(),
+        per_s: measured as f64 / elapsed.as_secs_f64(),
         call_frame_bytes,
         result_frame_bytes,
     })

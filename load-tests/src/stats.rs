@@ -1,6 +1,6 @@
 //! Latency histograms, their summaries, and the text tables the scenarios print.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
@@ -45,6 +45,25 @@ impl Latencies {
             p99_us: us(h.value_at_quantile(0.99)),
             max_us: us(h.max()),
             mean_us: h.mean() / 1_000.0,
+        }
+    }
+}
+
+/// How many round trips a closed loop makes: `warmup` first, left out of the figures, then
+/// measured ones until `calls` were made or, with a `duration`, until that elapsed instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub warmup: u64,
+    pub calls: u64,
+    pub duration: Option<Duration>,
+}
+
+impl Budget {
+    /// Whether the loop stops, after `measured` round trips made since `since`.
+    pub fn spent(&self, measured: u64, since: Instant) -> bool {
+        match self.duration {
+            Some(duration) => since.elapsed() >= duration,
+            None => measured >= self.calls,
         }
     }
 }
@@ -140,6 +159,28 @@ mod tests {
         assert!((s.p99_us - 990.0).abs() <= 1.0, "{s:?}");
         assert!((s.max_us - 1000.0).abs() <= 1.0, "{s:?}");
         assert!((s.mean_us - 500.5).abs() <= 0.5, "{s:?}");
+    }
+
+    #[test]
+    fn a_budget_counts_calls_or_time() {
+        let start = Instant::now();
+        let calls = Budget {
+            warmup: 0,
+            calls: 3,
+            duration: None,
+        };
+        assert!(!calls.spent(2, start));
+        assert!(calls.spent(3, start));
+        let timed = Budget {
+            duration: Some(Duration::from_secs(3600)),
+            ..calls
+        };
+        assert!(!timed.spent(1_000_000, start));
+        let over = Budget {
+            duration: Some(Duration::ZERO),
+            ..calls
+        };
+        assert!(over.spent(0, start));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::agent::AgentReport;
 use crate::fixture::{self, shell_quote, Api, InProcessServer, LocalProvider, Workspace};
-use crate::stats::{self, Summary};
+use crate::stats::{self, Budget, Summary};
 use crate::{echo, sim_shim};
 
 /// The target: a tool call's round trip, at p50, within twice the echo floor.
@@ -39,8 +39,8 @@ pub struct ToolcallArgs {
     shim: Option<PathBuf>,
 }
 
-const TOOL: &str = "fs.read_file";
-const PATH: &str = "README.md";
+pub(crate) const TOOL: &str = "fs.read_file";
+pub(crate) const PATH: &str = "README.md";
 
 struct Row {
     label: &'static str,
@@ -126,8 +126,11 @@ pub async fn run(args: ToolcallArgs) -> anyhow::Result<()> {
                 "toolcall",
                 TOOL,
                 PATH,
-                args.warmup,
-                args.calls,
+                Budget {
+                    warmup: args.warmup,
+                    calls: args.calls,
+                    duration: None,
+                },
                 quickack,
             )
             .await?;
