@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use agent_shim::protocol::{ServerMessage, ShimMessage, CLOSE_POLICY_VIOLATION, PROTOCOL_VERSION};
+use agent_shim::protocol::{
+    AnsweredCall, ServerMessage, ShimMessage, CLOSE_POLICY_VIOLATION, PROTOCOL_VERSION,
+};
 use anyhow::bail;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
@@ -271,6 +273,8 @@ impl Drop for Fleet {
 /// The call in flight.
 struct Call {
     id: String,
+    /// The seq of its `tool_call` frame.
+    seq: u64,
     sent: Instant,
 }
 
@@ -297,6 +301,9 @@ struct Shim {
     /// The latest calls answered `ok`, newest last, and the same as a set.
     answered_order: VecDeque<String>,
     answered: HashSet<String>,
+    /// Answered calls whose `tool_call` frame is not acked yet (listed in `hello`, so a replica
+    /// taking the run over does not execute them again), by frame seq.
+    unacked_answers: VecDeque<(u64, AnsweredCall)>,
     heartbeat_every: Duration,
     /// Between an answer and the next call.
     think: Duration,
@@ -318,6 +325,7 @@ impl Shim {
             calls_made: 0,
             answered_order: VecDeque::new(),
             answered: HashSet::new(),
+            unacked_answers: VecDeque::new(),
             heartbeat_every: Duration::from_secs(5),
             think,
             rng: 0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1),
@@ -401,7 +409,11 @@ impl Shim {
             host: format!("load-tests-{}", self.index),
             resume_from: self.welcomed_once.then_some(self.acked),
             pending_calls: self.call.iter().map(|c| c.id.clone()).collect(),
-            answered_calls: Vec::new(),
+            answered_calls: self
+                .unacked_answers
+                .iter()
+                .map(|(_, answered)| answered.clone())
+                .collect(),
         };
         let opened = Instant::now();
         let (mut ws, last_acked, heartbeat_ms) =
@@ -466,6 +478,9 @@ impl Shim {
         while self.outbox.front().is_some_and(|(s, _)| *s <= seq) {
             self.outbox.pop_front();
         }
+        while self.unacked_answers.front().is_some_and(|(s, _)| *s <= seq) {
+            self.unacked_answers.pop_front();
+        }
     }
 
     /// Sends a new tool call (queued for resending until acked).
@@ -484,6 +499,7 @@ impl Shim {
         self.outbox.push_back((seq, text.clone()));
         self.call = Some(Call {
             id,
+            seq,
             sent: Instant::now(),
         });
         self.shared.status(self.index).in_flight = true;
@@ -610,6 +626,16 @@ impl Shim {
                 };
                 let now = Instant::now();
                 self.shared.status(self.index).in_flight = false;
+                if call.seq > self.acked {
+                    self.unacked_answers.push_back((
+                        call.seq,
+                        AnsweredCall {
+                            call_id: call_id.clone(),
+                            ok,
+                            error_code: error.as_ref().map(|e| e.code.clone()),
+                        },
+                    ));
+                }
                 if ok {
                     if self.answered_order.len() == ANSWERED_KEPT {
                         if let Some(old) = self.answered_order.pop_front() {
