@@ -436,6 +436,7 @@ async fn a_call_the_shim_already_has_an_answer_to_is_recorded_not_executed_again
         pending_calls: vec!["c2".into()],
         answered_calls: vec![AnsweredCall {
             call_id: "c1".into(),
+            tool: "echo".into(),
             ok: false,
             error_code: Some("not_found".into()),
         }],

@@ -110,6 +110,7 @@ pub enum ShimMessage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AnsweredCall {
     pub call_id: String,
+    pub tool: String,
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_code: Option<String>,

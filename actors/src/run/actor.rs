@@ -483,8 +483,11 @@ impl Writer {
 pub(crate) struct Adoption {
     pub sandbox: Option<SandboxHandle>,
     pub last_seq: u64,
-    /// Tool calls the run's history shows (their results, if any, were not kept).
-    pub seen_calls: HashSet<String>,
+    /// Tool calls the run's history shows, with their tools (their results, if any, were not
+    /// kept).
+    pub seen_calls: HashMap<String, String>,
+    /// Tool calls whose result the history shows.
+    pub recorded_results: HashSet<String>,
 }
 
 /// A tool call being executed.
@@ -528,10 +531,12 @@ pub struct RunActor {
     answered: HashMap<String, ServerMessage>,
     answered_order: VecDeque<String>,
     /// Call ids already executed, so a resent call is not executed twice.
-    seen_calls: HashSet<String>,
+    seen_calls: HashMap<String, String>,
     /// Calls the shim already has answers to (from a replica that stopped before recording
     /// them): recorded when their frames arrive, not executed again.
     answered_elsewhere: HashMap<String, AnsweredCall>,
+    /// Calls whose result is in the history (or queued for it).
+    recorded_results: HashSet<String>,
     /// Open while the sandbox is up but the shim has not called back yet.
     waiting_span: Option<tracing::Span>,
     /// Open from a stop or kill request until the run ends.
@@ -630,8 +635,9 @@ impl RunActor {
                 in_flight: HashMap::new(),
                 answered: HashMap::new(),
                 answered_order: VecDeque::new(),
-                seen_calls: HashSet::new(),
+                seen_calls: HashMap::new(),
                 answered_elsewhere: HashMap::new(),
+                recorded_results: HashSet::new(),
                 held_exit: None,
                 waiting_span: None,
                 ending_span: None,
@@ -668,6 +674,7 @@ impl RunActor {
         self.last_seq = adopted.last_seq;
         self.agent_started = matches!(state, RunState::Running | RunState::Stopping);
         self.seen_calls = adopted.seen_calls;
+        self.recorded_results = adopted.recorded_results;
     }
 
     fn timeouts(&self) -> RunTimeouts {
@@ -1297,7 +1304,8 @@ impl RunActor {
                     // record was lost with it. The agent has its answer: record, do not repeat.
                     Some(answered) => {
                         tracing::info!(run_id = %self.id, trace_id = %self.record.trace_id, call_id, tool, "tool call answered before this replica took over; recorded, not executed again");
-                        self.seen_calls.insert(call_id.clone());
+                        self.seen_calls.insert(call_id.clone(), tool.clone());
+                        self.recorded_results.insert(call_id.clone());
                         events.push(EventKind::ToolResult {
                             call_id,
                             tool,
@@ -1366,7 +1374,11 @@ impl RunActor {
         args: Value,
         ctx: &mut Context<Self>,
     ) {
-        if !self.seen_calls.insert(call_id.clone()) {
+        if self
+            .seen_calls
+            .insert(call_id.clone(), tool.clone())
+            .is_some()
+        {
             tracing::warn!(run_id = %self.id, trace_id = %self.record.trace_id, call_id, "duplicate tool call id; not executed again");
             return;
         }
@@ -1471,6 +1483,7 @@ impl RunActor {
         self.send(message.clone());
         self.remember_answer(call_id.clone(), message);
         self.agent_activity(ctx);
+        self.recorded_results.insert(call_id.clone());
         self.record_events(
             vec![EventKind::ToolResult {
                 call_id,
@@ -1718,10 +1731,23 @@ impl Handler<ShimHello> for RunActor {
             }
         }
         let resumed = msg.resume_from.is_some() || self.agent_started;
+        let mut late_results = Vec::new();
         for answered in msg.answered_calls {
-            if !self.seen_calls.contains(&answered.call_id) {
+            if !self.seen_calls.contains_key(&answered.call_id) {
                 self.answered_elsewhere
                     .insert(answered.call_id.clone(), answered);
+            } else if !self.in_flight.contains_key(&answered.call_id)
+                && self.recorded_results.insert(answered.call_id.clone())
+            {
+                // Executed and answered by a replica that stopped before storing the result:
+                // the history gets it from the shim's report.
+                late_results.push(EventKind::ToolResult {
+                    call_id: answered.call_id,
+                    tool: answered.tool,
+                    ok: answered.ok,
+                    duration_ms: 0,
+                    error_code: answered.error_code,
+                });
             }
         }
         let _connect = tracing::info_span!(
@@ -1758,7 +1784,20 @@ impl Handler<ShimHello> for RunActor {
         for call_id in &msg.pending_calls {
             if let Some(answer) = self.answered.get(call_id) {
                 self.send(answer.clone());
-            } else if !self.in_flight.contains_key(call_id) && self.seen_calls.contains(call_id) {
+            } else if let Some(tool) = self
+                .seen_calls
+                .get(call_id)
+                .filter(|_| !self.in_flight.contains_key(call_id))
+            {
+                if self.recorded_results.insert(call_id.clone()) {
+                    late_results.push(EventKind::ToolResult {
+                        call_id: call_id.clone(),
+                        tool: tool.clone(),
+                        ok: false,
+                        duration_ms: 0,
+                        error_code: Some(codes::RETRYABLE.into()),
+                    });
+                }
                 self.send(ServerMessage::ToolResult {
                     call_id: call_id.clone(),
                     ok: false,
@@ -1769,6 +1808,9 @@ impl Handler<ShimHello> for RunActor {
                     }),
                 });
             }
+        }
+        if !late_results.is_empty() {
+            self.record_events(late_results, ctx);
         }
         self.record_events(
             vec![EventKind::ShimConnected {

@@ -2,7 +2,7 @@
 //! finds no live owner, or when its owner's heartbeat lapsed. The run's actor is rebuilt from
 //! the stored record, spec, sandbox handle, last stored sequence number and history.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use actix::Addr;
 use futures_util::StreamExt;
@@ -94,11 +94,18 @@ pub async fn adopt(
         record.remote_host = Some(handle.remote_host.clone());
     }
     let last_seq = store.last_seq(id).await?;
-    let mut seen_calls = HashSet::new();
+    let mut seen_calls = HashMap::new();
+    let mut recorded_results = HashSet::new();
     let mut history = store.events(id, 0, false).await?;
     while let Some(event) = history.next().await {
-        if let EventKind::ToolCall { call_id, .. } = event?.kind {
-            seen_calls.insert(call_id);
+        match event?.kind {
+            EventKind::ToolCall { call_id, tool } => {
+                seen_calls.insert(call_id, tool);
+            }
+            EventKind::ToolResult { call_id, .. } => {
+                recorded_results.insert(call_id);
+            }
+            _ => {}
         }
     }
     record.owner = replica.clone();
@@ -119,6 +126,7 @@ pub async fn adopt(
             sandbox,
             last_seq,
             seen_calls,
+            recorded_results,
         },
     );
     Ok(Some(addr))

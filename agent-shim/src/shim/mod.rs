@@ -299,7 +299,7 @@ impl Shim {
             host: self.host.clone(),
             resume_from: self.welcomed.then(|| self.outbox.acked()),
             pending_calls: self.pending.ids(),
-            answered_calls: self.pending.answered_unacked(),
+            answered_calls: self.pending.answered_calls(),
         };
         let url = self.config.connect_url.clone();
         let token = self.config.token.clone();
@@ -800,7 +800,7 @@ impl Shim {
                 match pushed {
                     Ok(()) => {
                         self.spans.call_started(&id, &tool_name);
-                        self.pending.insert(id, seq);
+                        self.pending.insert(id, seq, tool_name);
                         if self.spans.batch_due() {
                             self.send_spans().await;
                         }

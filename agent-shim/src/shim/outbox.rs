@@ -141,26 +141,33 @@ impl Outbox {
 /// Tool calls sent to the server and not yet answered, in the order they were made.
 #[derive(Debug, Default)]
 pub struct PendingCalls {
-    /// Unanswered calls by id: the seq of their `tool_call` frame.
-    by_id: HashMap<String, u64>,
+    /// Unanswered calls by id: the seq of their `tool_call` frame, and the tool.
+    by_id: HashMap<String, (u64, String)>,
     /// Answered calls whose `tool_call` frame is not acked yet, by that frame's seq.
     answered: BTreeMap<u64, AnsweredCall>,
+    /// The latest answered calls whose frames were acked (their results may still not be
+    /// stored when the server that answered them stops), oldest first.
+    recent: VecDeque<AnsweredCall>,
 }
 
+/// Answered calls whose frames were acked that `hello` still lists.
+pub const RECENT_ANSWERS: usize = 64;
+
 impl PendingCalls {
-    /// A call sent in the frame numbered `seq`.
-    pub fn insert(&mut self, call_id: String, seq: u64) {
-        self.by_id.insert(call_id, seq);
+    /// A call of `tool` sent in the frame numbered `seq`.
+    pub fn insert(&mut self, call_id: String, seq: u64, tool: String) {
+        self.by_id.insert(call_id, (seq, tool));
     }
 
     /// Marks a call answered; false if it was not pending (unknown or answered before).
     pub fn answer(&mut self, call_id: &str, ok: bool, error_code: Option<String>) -> bool {
         match self.by_id.remove(call_id) {
-            Some(seq) => {
+            Some((seq, tool)) => {
                 self.answered.insert(
                     seq,
                     AnsweredCall {
                         call_id: call_id.to_string(),
+                        tool,
                         ok,
                         error_code,
                     },
@@ -173,24 +180,37 @@ impl PendingCalls {
 
     /// Frames up to `seq` are stored by the server: their answered calls are settled.
     pub fn acked(&mut self, seq: u64) {
-        self.answered = self.answered.split_off(&(seq + 1));
+        let later = self.answered.split_off(&(seq + 1));
+        let settled = std::mem::replace(&mut self.answered, later);
+        for (_, call) in settled {
+            if self.recent.len() == RECENT_ANSWERS {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(call);
+        }
     }
 
     /// Unanswered calls, in the order they were made.
     pub fn ids(&self) -> Vec<String> {
-        let mut ids: Vec<(&String, &u64)> = self.by_id.iter().collect();
-        ids.sort_by_key(|(_, seq)| **seq);
+        let mut ids: Vec<(&String, &(u64, String))> = self.by_id.iter().collect();
+        ids.sort_by_key(|(_, (seq, _))| *seq);
         ids.into_iter().map(|(id, _)| id.clone()).collect()
     }
 
-    /// Answered calls the server may not have recorded yet, in the order they were made.
-    pub fn answered_unacked(&self) -> Vec<AnsweredCall> {
-        self.answered.values().cloned().collect()
+    /// Answered calls the server may not have recorded (the latest settled ones, then those
+    /// whose frames are not acked), in the order they were made.
+    pub fn answered_calls(&self) -> Vec<AnsweredCall> {
+        self.recent
+            .iter()
+            .chain(self.answered.values())
+            .cloned()
+            .collect()
     }
 
     pub fn clear(&mut self) {
         self.by_id.clear();
         self.answered.clear();
+        self.recent.clear();
     }
 }
 
@@ -269,37 +289,39 @@ mod tests {
     #[test]
     fn pending_calls_keep_call_order_and_answer_once() {
         let mut pending = PendingCalls::default();
-        pending.insert("c2".into(), 1);
-        pending.insert("c1".into(), 2);
-        pending.insert("c3".into(), 4);
+        pending.insert("c2".into(), 1, "t".into());
+        pending.insert("c1".into(), 2, "t".into());
+        pending.insert("c3".into(), 4, "t".into());
         assert!(pending.answer("c1", true, None));
         assert!(!pending.answer("c1", true, None));
         assert_eq!(pending.ids(), vec!["c2".to_owned(), "c3".to_owned()]);
     }
 
     #[test]
-    fn answered_calls_are_listed_until_their_frame_is_acked() {
+    fn answered_calls_are_listed_until_their_frame_is_acked_then_among_the_recent() {
         let mut pending = PendingCalls::default();
-        pending.insert("c1".into(), 3);
-        pending.insert("c2".into(), 5);
-        pending.insert("c3".into(), 7);
+        pending.insert("c1".into(), 3, "fs.read_file".into());
+        pending.insert("c2".into(), 5, "fs.search".into());
+        pending.insert("c3".into(), 7, "fs.list_dir".into());
         assert!(pending.answer("c2", false, Some("not_found".into())));
         assert!(pending.answer("c1", true, None));
         let ids = |p: &PendingCalls| -> Vec<String> {
-            p.answered_unacked()
-                .into_iter()
-                .map(|a| a.call_id)
-                .collect()
+            p.answered_calls().into_iter().map(|a| a.call_id).collect()
         };
         assert_eq!(ids(&pending), ["c1", "c2"]);
-        assert_eq!(
-            pending.answered_unacked()[1].error_code.as_deref(),
-            Some("not_found")
-        );
-        pending.acked(3);
-        assert_eq!(ids(&pending), ["c2"]);
+        let listed = pending.answered_calls();
+        assert_eq!(listed[1].error_code.as_deref(), Some("not_found"));
+        assert_eq!(listed[1].tool, "fs.search");
         pending.acked(6);
-        assert!(ids(&pending).is_empty());
+        assert_eq!(ids(&pending), ["c1", "c2"], "settled, still recent");
+        for i in 0..RECENT_ANSWERS as u64 {
+            pending.insert(format!("x{i}"), 10 + i, "t".into());
+            assert!(pending.answer(&format!("x{i}"), true, None));
+        }
+        pending.acked(10 + RECENT_ANSWERS as u64);
+        let listed = ids(&pending);
+        assert_eq!(listed.len(), RECENT_ANSWERS);
+        assert_eq!(listed[0], "x0", "the oldest settled ones go first");
         assert_eq!(pending.ids(), ["c3"]);
     }
 }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use agent_shim::protocol::{
     AnsweredCall, ServerMessage, ShimMessage, CLOSE_POLICY_VIOLATION, PROTOCOL_VERSION,
 };
+
 use anyhow::bail;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
@@ -40,6 +41,9 @@ const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// A connection on which nothing arrived for this many heartbeats (at least 3 s) is dead.
 const DEAD_AFTER_HEARTBEATS: u32 = 3;
 const MIN_DEAD_AFTER: Duration = Duration::from_secs(3);
+/// Answered calls with acked frames that `hello` lists, as many as the real shim lists.
+const RECENT_ANSWERS: usize = 64;
+
 /// How many answered call ids a shim remembers, to recognise a second answer.
 const ANSWERED_KEPT: usize = 4096;
 
@@ -304,6 +308,9 @@ struct Shim {
     /// Answered calls whose `tool_call` frame is not acked yet (listed in `hello`, so a replica
     /// taking the run over does not execute them again), by frame seq.
     unacked_answers: VecDeque<(u64, AnsweredCall)>,
+    /// The latest answered calls whose frames were acked (also listed: their results may not
+    /// be stored yet when the replica that answered stops).
+    recent_answers: VecDeque<AnsweredCall>,
     heartbeat_every: Duration,
     /// Between an answer and the next call.
     think: Duration,
@@ -326,6 +333,7 @@ impl Shim {
             answered_order: VecDeque::new(),
             answered: HashSet::new(),
             unacked_answers: VecDeque::new(),
+            recent_answers: VecDeque::new(),
             heartbeat_every: Duration::from_secs(5),
             think,
             rng: 0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1),
@@ -410,9 +418,10 @@ impl Shim {
             resume_from: self.welcomed_once.then_some(self.acked),
             pending_calls: self.call.iter().map(|c| c.id.clone()).collect(),
             answered_calls: self
-                .unacked_answers
+                .recent_answers
                 .iter()
-                .map(|(_, answered)| answered.clone())
+                .chain(self.unacked_answers.iter().map(|(_, answered)| answered))
+                .cloned()
                 .collect(),
         };
         let opened = Instant::now();
@@ -479,7 +488,12 @@ impl Shim {
             self.outbox.pop_front();
         }
         while self.unacked_answers.front().is_some_and(|(s, _)| *s <= seq) {
-            self.unacked_answers.pop_front();
+            if let Some((_, answered)) = self.unacked_answers.pop_front() {
+                if self.recent_answers.len() == RECENT_ANSWERS {
+                    self.recent_answers.pop_front();
+                }
+                self.recent_answers.push_back(answered);
+            }
         }
     }
 
@@ -631,6 +645,7 @@ impl Shim {
                         call.seq,
                         AnsweredCall {
                             call_id: call_id.clone(),
+                            tool: TOOL.into(),
                             ok,
                             error_code: error.as_ref().map(|e| e.code.clone()),
                         },
