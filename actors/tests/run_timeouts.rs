@@ -285,15 +285,26 @@ impl Harness {
 }
 
 async fn connect(run: &Addr<RunActor>, conn_id: u64) -> Arc<Mutex<Vec<ToShim>>> {
+    connect_resuming(run, conn_id, None, vec![], vec![]).await
+}
+
+/// A shim's hello with what it says about resuming; returns what the run sends it.
+async fn connect_resuming(
+    run: &Addr<RunActor>,
+    conn_id: u64,
+    resume_from: Option<u64>,
+    pending_calls: Vec<String>,
+    answered_calls: Vec<AnsweredCall>,
+) -> Arc<Mutex<Vec<ToShim>>> {
     let inbox = Arc::new(Mutex::new(Vec::new()));
     let addr = Inbox(inbox.clone()).start();
     run.send(ShimHello {
         conn_id,
         conn: addr.recipient(),
         host: "sandbox".into(),
-        resume_from: None,
-        pending_calls: vec![],
-        answered_calls: vec![],
+        resume_from,
+        pending_calls,
+        answered_calls,
     })
     .await
     .unwrap()
@@ -426,24 +437,19 @@ async fn a_call_the_shim_already_has_an_answer_to_is_recorded_not_executed_again
         .await;
     // The replica that answered c1 stopped before recording it; the shim says so on its hello
     // to this one and resends the call's frame (never acked).
-    let inbox = Arc::new(Mutex::new(Vec::new()));
-    let addr = Inbox(inbox.clone()).start();
-    run.send(ShimHello {
-        conn_id: 1,
-        conn: addr.recipient(),
-        host: "sandbox".into(),
-        resume_from: Some(0),
-        pending_calls: vec!["c2".into()],
-        answered_calls: vec![AnsweredCall {
+    let inbox = connect_resuming(
+        &run,
+        1,
+        Some(0),
+        vec!["c2".into()],
+        vec![AnsweredCall {
             call_id: "c1".into(),
             tool: "echo".into(),
             ok: false,
             error_code: Some("not_found".into()),
         }],
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    )
+    .await;
     for (seq, call) in [(1, "c1"), (2, "c2")] {
         run.send(ShimFrame {
             conn_id: 1,

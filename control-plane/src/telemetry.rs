@@ -326,18 +326,20 @@ fn grpc_metadata(otlp: &OtlpSettings) -> Result<tonic::metadata::MetadataMap, Te
     Ok(metadata)
 }
 
-fn build_provider(settings: &TelemetrySettings) -> Result<SdkTracerProvider, TelemetryError> {
-    let mut builder = SdkTracerProvider::builder().with_resource(resource(settings));
-    if let Some(otlp) = &settings.otlp {
-        let exporter = match otlp.protocol {
-            OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+/// An OTLP exporter of one signal (`SpanExporter`, `MetricExporter`: their builders differ in
+/// type only) for `otlp`'s protocol, endpoint, timeout and headers.
+macro_rules! otlp_exporter {
+    ($exporter:path, $otlp:expr) => {{
+        let otlp: &OtlpSettings = $otlp;
+        match otlp.protocol {
+            OtlpProtocol::Grpc => <$exporter>::builder()
                 .with_tonic()
                 .with_endpoint(otlp.endpoint.clone())
                 .with_timeout(otlp.timeout)
                 .with_metadata(grpc_metadata(otlp)?)
                 .build()
                 .map_err(exporter_error(otlp))?,
-            OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+            OtlpProtocol::HttpProtobuf => <$exporter>::builder()
                 .with_http()
                 .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
                 .with_endpoint(otlp.endpoint.clone())
@@ -345,7 +347,14 @@ fn build_provider(settings: &TelemetrySettings) -> Result<SdkTracerProvider, Tel
                 .with_headers(otlp.headers.clone())
                 .build()
                 .map_err(exporter_error(otlp))?,
-        };
+        }
+    }};
+}
+
+fn build_provider(settings: &TelemetrySettings) -> Result<SdkTracerProvider, TelemetryError> {
+    let mut builder = SdkTracerProvider::builder().with_resource(resource(settings));
+    if let Some(otlp) = &settings.otlp {
+        let exporter = otlp_exporter!(opentelemetry_otlp::SpanExporter, otlp);
         builder = builder.with_batch_exporter(exporter);
     }
     Ok(builder.build())
@@ -377,23 +386,7 @@ impl MetricsPipeline {
             .with_resource(resource(settings))
             .with_reader(prometheus.clone());
         if let Some(otlp) = &settings.metrics_otlp {
-            let exporter = match otlp.protocol {
-                OtlpProtocol::Grpc => opentelemetry_otlp::MetricExporter::builder()
-                    .with_tonic()
-                    .with_endpoint(otlp.endpoint.clone())
-                    .with_timeout(otlp.timeout)
-                    .with_metadata(grpc_metadata(otlp)?)
-                    .build()
-                    .map_err(exporter_error(otlp))?,
-                OtlpProtocol::HttpProtobuf => opentelemetry_otlp::MetricExporter::builder()
-                    .with_http()
-                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                    .with_endpoint(otlp.endpoint.clone())
-                    .with_timeout(otlp.timeout)
-                    .with_headers(otlp.headers.clone())
-                    .build()
-                    .map_err(exporter_error(otlp))?,
-            };
+            let exporter = otlp_exporter!(opentelemetry_otlp::MetricExporter, otlp);
             builder = builder.with_reader(
                 PeriodicReader::builder(exporter)
                     .with_interval(settings.metric_interval)
