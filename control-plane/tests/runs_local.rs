@@ -523,8 +523,27 @@ async fn malformed_and_oversized_frames_get_protocol_errors_not_a_crash() {
     ))
     .await
     .unwrap();
+    // Alone, the ack goes out once nothing else took it along.
     let ack = next_json(&mut ws).await;
     assert_eq!(ack, json!({"type":"ack","seq":last + 1}));
+    // A tool call gets its result and its ack (which rides along with the result when it is
+    // ready first, or follows it).
+    ws.send(Message::Text(
+        json!({"type":"tool_call","seq":last + 2,"call_id":"c1","tool":"fs.list_dir","args":{"path":"."}})
+            .to_string(),
+    ))
+    .await
+    .unwrap();
+    let (first, second) = (next_json(&mut ws).await, next_json(&mut ws).await);
+    let (ack, result) = if first["type"] == "ack" {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    assert_eq!(ack, json!({"type":"ack","seq":last + 2}));
+    assert_eq!(result["type"], "tool_result", "{result}");
+    assert_eq!(result["call_id"], "c1", "{result}");
+    assert_eq!(result["ok"], true, "{result}");
 
     // A frame over the limit closes the connection with 1009.
     let big = "x".repeat(agent_shim::protocol::MAX_FRAME_BYTES + 10);

@@ -1387,7 +1387,7 @@ impl RunActor {
             "tool.call",
             tool.name = %tool,
             tool.call_id = %call_id,
-            tool.args_bytes = args.to_string().len(),
+            tool.args_bytes = encoded_len(&args),
             tool.result_bytes = tracing::field::Empty,
             outcome = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
@@ -1446,7 +1446,7 @@ impl RunActor {
         match &res {
             Ok(value) => {
                 span.record("outcome", "ok");
-                span.record("tool.result_bytes", value.to_string().len());
+                span.record("tool.result_bytes", encoded_len(value));
             }
             Err(failure) => {
                 span.record("outcome", failure.code);
@@ -1504,6 +1504,29 @@ impl RunActor {
         }
         self.answered_order.push_back(call_id.clone());
         self.answered.insert(call_id, message);
+    }
+}
+
+/// Bytes of `value` as JSON, counted without building the text.
+fn encoded_len(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    match serde_json::to_writer(&mut count, value) {
+        Ok(()) => count.0,
+        // Cannot happen: the sink never fails and a `Value`'s keys are strings.
+        Err(err) => {
+            tracing::debug!(error = %err, "could not count a JSON value's bytes");
+            0
+        }
     }
 }
 

@@ -28,6 +28,11 @@ use messages::ToShim;
 /// (it resumes from its last ack when it reconnects).
 pub const OUTBOUND_CAPACITY: usize = 1024;
 
+/// How long an ack may wait for a frame to ride along with. Acks are cumulative, so one sent
+/// late covers every frame stored before it; a tool call's ack and its result leave in one write
+/// instead of two, and a stream of log lines is acked once per interval instead of per line.
+pub const ACK_DELAY: Duration = Duration::from_millis(5);
+
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
 enum Outbound {
@@ -68,6 +73,10 @@ pub struct SandboxConnection {
     stage: Stage,
     last_seen: Instant,
     closing: bool,
+    /// The highest stored sequence number not yet acked to the shim.
+    pending_ack: Option<u64>,
+    /// Sends `pending_ack` on its own when no other frame took it along in time.
+    ack_timer: Option<SpawnHandle>,
 }
 
 impl SandboxConnection {
@@ -98,6 +107,8 @@ impl SandboxConnection {
                 stage: Stage::AwaitingHello,
                 last_seen: Instant::now(),
                 closing: false,
+                pending_ack: None,
+                ack_timer: None,
             }
         })
     }
@@ -105,6 +116,11 @@ impl SandboxConnection {
     fn queue(&mut self, frame: Outbound, ctx: &mut Context<Self>) {
         if self.closing {
             return;
+        }
+        // Whatever leaves takes the pending ack along, ahead of it (a close included: the shim
+        // learns what was stored before the connection ends).
+        if !matches!(frame, Outbound::Pong(_)) {
+            self.flush_ack(ctx);
         }
         let closing = matches!(frame, Outbound::Close(..));
         match self.out.try_send(frame) {
@@ -130,6 +146,32 @@ impl SandboxConnection {
         match serde_json::to_string(message) {
             Ok(text) => self.queue(Outbound::Text(text), ctx),
             Err(err) => tracing::error!(conn = self.id, error = %err, "could not encode a frame"),
+        }
+    }
+
+    /// Holds an ack back until another frame leaves or [`ACK_DELAY`] passed.
+    fn defer_ack(&mut self, seq: u64, ctx: &mut Context<Self>) {
+        self.pending_ack = Some(self.pending_ack.map_or(seq, |pending| pending.max(seq)));
+        if self.ack_timer.is_none() {
+            self.ack_timer = Some(ctx.run_later(ACK_DELAY, |act, ctx| {
+                act.ack_timer = None;
+                act.flush_ack(ctx);
+            }));
+        }
+    }
+
+    /// Sends the pending ack, if any.
+    fn flush_ack(&mut self, ctx: &mut Context<Self>) {
+        if let Some(timer) = self.ack_timer.take() {
+            ctx.cancel_future(timer);
+        }
+        if let Some(seq) = self.pending_ack.take() {
+            match serde_json::to_string(&ServerMessage::Ack { seq }) {
+                Ok(text) => self.queue(Outbound::Text(text), ctx),
+                Err(err) => {
+                    tracing::error!(conn = self.id, error = %err, "could not encode an ack")
+                }
+            }
         }
     }
 
@@ -304,6 +346,12 @@ impl Actor for SandboxConnection {
         });
     }
 
+    fn stopping(&mut self, ctx: &mut Context<Self>) -> Running {
+        // Stopped without a close (the stream ended): the ack still goes out if it can.
+        self.flush_ack(ctx);
+        Running::Stop
+    }
+
     fn stopped(&mut self, _: &mut Context<Self>) {
         self.deps.run_deps.metrics.connections_active.add(-1, &[]);
         if let Stage::Attached { run, run_id, .. } = &self.stage {
@@ -358,6 +406,7 @@ impl Handler<ToShim> for SandboxConnection {
     type Result = ();
     fn handle(&mut self, msg: ToShim, ctx: &mut Context<Self>) {
         match msg {
+            ToShim::Frame(ServerMessage::Ack { seq }) => self.defer_ack(seq, ctx),
             ToShim::Frame(frame) => self.send(&frame, ctx),
             ToShim::Close { code, reason } => self.close(code, reason, ctx),
         }

@@ -54,8 +54,13 @@ pub(crate) fn read_file(root: &Path, limits: &ToolLimits, raw: &str) -> Result<V
     if bytes.len() as u64 > limits.max_read_bytes {
         return Err(too_large());
     }
-    let content = String::from_utf8(bytes)
-        .map_err(|_| ToolFailure::new(codes::IO_ERROR, format!("`{raw}` is not utf-8 text")))?;
+    file_content(bytes)
+        .map_err(|_| ToolFailure::new(codes::IO_ERROR, format!("`{raw}` is not utf-8 text")))
+}
+
+/// `fs.read_file`'s result for a file's bytes; `Err` when they are not UTF-8.
+pub(crate) fn file_content(bytes: Vec<u8>) -> Result<Value, std::string::FromUtf8Error> {
+    let content = String::from_utf8(bytes)?;
     Ok(json!({ "content": content }))
 }
 

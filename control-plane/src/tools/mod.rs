@@ -6,6 +6,7 @@
 //! with `outside_workspace`. See [`confine`] for how.
 
 mod args;
+mod cached;
 mod confine;
 mod fs;
 
@@ -84,6 +85,8 @@ pub struct WorkspaceTools {
 #[derive(Debug)]
 struct Inner {
     root: PathBuf,
+    /// `root` held open for reads that need not wait (see [`cached`]).
+    root_dir: Option<cached::RootDir>,
     limits: ToolLimits,
 }
 
@@ -105,6 +108,7 @@ impl WorkspaceTools {
         }
         Ok(WorkspaceTools {
             inner: Arc::new(Inner {
+                root_dir: cached::RootDir::open(&canonical),
                 root: canonical,
                 limits,
             }),
@@ -140,8 +144,18 @@ impl ToolHost for WorkspaceTools {
             READ_FILE => {
                 let mut args = Args::new(READ_FILE, args, &["path"])?;
                 let path = non_empty_path(&mut args)?;
-                self.blocking(move |root, limits| fs::read_file(root, limits, &path))
-                    .await
+                let cached = self
+                    .inner
+                    .root_dir
+                    .as_ref()
+                    .and_then(|root| cached::read_file(root, &self.inner.limits, &path));
+                match cached {
+                    Some(result) => Ok(result),
+                    None => {
+                        self.blocking(move |root, limits| fs::read_file(root, limits, &path))
+                            .await
+                    }
+                }
             }
             WRITE_FILE => {
                 let mut args = Args::new(WRITE_FILE, args, &["path", "content"])?;
