@@ -510,7 +510,18 @@ pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, TelemetryError> {
     tracing_subscriber::registry()
         .with(filter)
         .with(fmt)
-        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .with(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                // Seven attributes per span that a span's name already implies (source file,
+                // line, module, target) or that say how the process ran it (thread, busy and
+                // idle times, which also cost two clock reads per poll): every tool call
+                // carried them, about half of its exported bytes.
+                .with_location(false)
+                .with_target(false)
+                .with_threads(false)
+                .with_tracked_inactivity(false),
+        )
         .try_init()
         .map_err(|err| TelemetryError::AlreadyInstalled(err.to_string()))?;
     if SHIM_TRACER.set(shim_tracer).is_err() {

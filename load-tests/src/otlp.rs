@@ -127,6 +127,44 @@ impl Receiver {
         Ok((receiver, addr))
     }
 
+    /// Serves on a free loopback port from a thread of its own in the idle scheduling class
+    /// (`SCHED_IDLE`): it stands in for a collector on another machine, so it takes only the CPU
+    /// time the measured processes leave unused instead of competing with them for the cores.
+    pub fn start_idle() -> anyhow::Result<(Receiver, SocketAddr)> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("otlp-receiver".into())
+            .spawn(move || {
+                let started = idle_class().and_then(|()| {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .context("the OTLP receiver's runtime")?;
+                    Ok(runtime)
+                });
+                let runtime = match started {
+                    Ok(runtime) => runtime,
+                    Err(err) => {
+                        if tx.send(Err(err)).is_err() {
+                            eprintln!("OTLP receiver: nobody waits for it");
+                        }
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    if tx.send(Receiver::start().await).is_err() {
+                        eprintln!("OTLP receiver: nobody waits for it");
+                        return;
+                    }
+                    // Serves until the process ends.
+                    std::future::pending::<()>().await;
+                });
+            })
+            .context("start the OTLP receiver's thread")?;
+        rx.recv()
+            .context("the OTLP receiver's thread ended before it served")?
+    }
+
     /// The counts since the last call, and zeroes them.
     pub fn take(&self) -> Received {
         let c = &self.counters;
@@ -137,6 +175,20 @@ impl Receiver {
             metric_requests: c.metric_requests.swap(0, Ordering::Relaxed),
         }
     }
+}
+
+/// Moves the calling thread to the idle scheduling class.
+fn idle_class() -> anyhow::Result<()> {
+    use thread_priority::unix::{
+        set_thread_priority_and_policy, thread_native_id, NormalThreadSchedulePolicy,
+        ThreadSchedulePolicy,
+    };
+    set_thread_priority_and_policy(
+        thread_native_id(),
+        thread_priority::ThreadPriority::Min,
+        ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle),
+    )
+    .map_err(|err| anyhow::anyhow!("cannot move the OTLP receiver to SCHED_IDLE: {err:?}"))
 }
 
 #[cfg(test)]
@@ -189,5 +241,46 @@ mod tests {
         let got = receiver.take();
         assert_eq!((got.spans, got.span_requests), (5, 1));
         assert_eq!(receiver.take(), Received::default());
+    }
+
+    #[test]
+    fn the_idle_receiver_runs_in_the_idle_class_and_counts() {
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+        use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+
+        let (receiver, addr) = Receiver::start_idle().unwrap();
+        let policy = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|task| {
+                let stat = std::fs::read_to_string(task.ok()?.path().join("stat")).ok()?;
+                let (name, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+                // Field 41 of stat (the 39th after the name) is the scheduling policy.
+                (name == "otlp-receiver").then(|| rest.split(' ').nth(38).map(str::to_string))?
+            })
+            .next();
+        // SCHED_IDLE is 5.
+        assert_eq!(policy.as_deref(), Some("5"));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut client = TraceServiceClient::connect(format!("http://{addr}"))
+                .await
+                .unwrap();
+            client
+                .export(ExportTraceServiceRequest {
+                    resource_spans: vec![ResourceSpans {
+                        scope_spans: vec![ScopeSpans {
+                            spans: vec![Span::default(); 4],
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }],
+                })
+                .await
+                .unwrap();
+        });
+        assert_eq!(receiver.take().spans, 4);
     }
 }

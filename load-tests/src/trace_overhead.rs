@@ -247,7 +247,7 @@ pub async fn run(args: TraceOverheadArgs) -> anyhow::Result<()> {
     ensure!(args.rounds > 0, "--rounds must be at least 1");
     let shim = fixture::shim_binary(args.shim.as_deref())?;
     let exe = std::env::current_exe().context("path of the load-tests binary")?;
-    let (receiver, addr) = Receiver::start().await?;
+    let (receiver, addr) = Receiver::start_idle()?;
     let endpoint = format!("http://{addr}");
     let w = &args.workload;
     println!(
