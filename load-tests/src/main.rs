@@ -9,6 +9,7 @@ mod docker_spawn;
 mod echo;
 mod fixture;
 mod otlp;
+mod relay;
 mod sim_shim;
 mod spawn;
 mod stats;

@@ -11,6 +11,7 @@ use serde_json::json;
 
 use crate::agent::AgentReport;
 use crate::fixture::{self, shell_quote, Api, InProcessServer, LocalProvider, Workspace};
+use crate::relay;
 use crate::stats::{self, Budget, Summary};
 use crate::{echo, sim_shim};
 
@@ -167,6 +168,23 @@ pub async fn run(args: ToolcallArgs) -> anyhow::Result<()> {
         "{} tool calls of the agent failed",
         report.errors
     );
+    let relay = {
+        let (exe, readme) = (exe.clone(), readme.clone());
+        let (warmup, calls) = (args.warmup, args.calls);
+        tokio::task::spawn_blocking(move || relay::measure(&exe, TOOL, PATH, readme, warmup, calls))
+            .await
+            .context("the relay measurement")??
+    };
+    let path_floor_p50 = relay.latency.p50_us;
+    rows.push(Row {
+        label: "agent → relay → answering server → relay → agent",
+        latency: relay.latency,
+        per_s: relay.calls_per_s,
+        frames: format!(
+            "lines {} → {}",
+            relay.call_line_bytes, relay.result_line_bytes
+        ),
+    });
     rows.push(Row {
         label: "agent → shim → server → shim → agent",
         latency: report.latency,
@@ -178,11 +196,11 @@ pub async fn run(args: ToolcallArgs) -> anyhow::Result<()> {
     });
     server.shutdown()?;
 
-    print_report(&rows, floor.latency.p50_us);
+    print_report(&rows, floor.latency.p50_us, path_floor_p50);
     Ok(())
 }
 
-fn print_report(rows: &[Row], floor_p50_us: f64) {
+fn print_report(rows: &[Row], floor_p50_us: f64, path_floor_p50_us: f64) {
     let header = [
         "round trip",
         "n",
@@ -216,6 +234,12 @@ fn print_report(rows: &[Row], floor_p50_us: f64) {
             stats::fmt_us(full.latency.p50_us),
             stats::fmt_us(floor_p50_us),
             if ratio <= TARGET_RATIO { "met" } else { "missed" }
+        );
+        println!(
+            "the path's own floor (agent → relay → answering server → relay → agent) is {} = {:.1}× the echo; the full path is {:.1}× that",
+            stats::fmt_us(path_floor_p50_us),
+            path_floor_p50_us / floor_p50_us,
+            full.latency.p50_us / path_floor_p50_us
         );
     }
 }
