@@ -991,35 +991,42 @@ impl RunActor {
         tx
     }
 
-    /// Reads the provider's view of resource usage now and then while the run is live.
+    /// Reads the provider's view of resource usage now and then while the run is live. The
+    /// first reading comes after a random part of the interval, so that the polls of runs
+    /// started together do not fall due together.
     fn poll_usage(&mut self, ctx: &mut Context<Self>) {
         let interval = self.deps.settings.usage_interval;
         if interval.is_zero() {
             return;
         }
-        ctx.run_interval(interval, |act, ctx| {
-            let Some(sandbox) = act.sandbox.clone() else {
-                return;
-            };
-            if act.phase.state.is_terminal() {
-                return;
-            }
-            let read = act.deps.router.send(SandboxUsage {
-                provider: act.record.provider.clone(),
-                sandbox,
-            });
-            ctx.spawn(read.into_actor(act).map(|res, act, _| match res {
-                Ok(Ok(Some(usage))) => {
-                    let write = act.record_usage(usage.cpu_pct, usage.memory_bytes);
-                    act.write(WriteOp::Write(Box::new(write)));
-                }
-                Ok(Ok(None)) => {}
-                Ok(Err(err)) => {
-                    tracing::debug!(run_id = %act.id, trace_id = %act.record.trace_id, error = %err, "usage unavailable")
-                }
-                Err(err) => tracing::debug!(run_id = %act.id, trace_id = %act.record.trace_id, error = %err, "router unavailable"),
-            }));
+        ctx.run_later(first_poll_after(interval), move |act, ctx| {
+            act.read_usage(ctx);
+            ctx.run_interval(interval, |act, ctx| act.read_usage(ctx));
         });
+    }
+
+    fn read_usage(&mut self, ctx: &mut Context<Self>) {
+        let Some(sandbox) = self.sandbox.clone() else {
+            return;
+        };
+        if self.phase.state.is_terminal() {
+            return;
+        }
+        let read = self.deps.router.send(SandboxUsage {
+            provider: self.record.provider.clone(),
+            sandbox,
+        });
+        ctx.spawn(read.into_actor(self).map(|res, act, _| match res {
+            Ok(Ok(Some(usage))) => {
+                let write = act.record_usage(usage.cpu_pct, usage.memory_bytes);
+                act.write(WriteOp::Write(Box::new(write)));
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(err)) => {
+                tracing::debug!(run_id = %act.id, trace_id = %act.record.trace_id, error = %err, "usage unavailable")
+            }
+            Err(err) => tracing::debug!(run_id = %act.id, trace_id = %act.record.trace_id, error = %err, "router unavailable"),
+        }));
     }
 
     /// Takes a usage reading into the record; returns the writes it needs.
@@ -1507,6 +1514,12 @@ impl RunActor {
     }
 }
 
+/// When a run's first usage reading is due: somewhere within the first `interval`.
+fn first_poll_after(interval: Duration) -> Duration {
+    use rand::Rng;
+    interval.mul_f64(rand::thread_rng().gen_range(0.0..1.0))
+}
+
 /// Bytes of `value` as JSON, counted without building the text.
 fn encoded_len(value: &Value) -> usize {
     struct Count(usize);
@@ -1892,5 +1905,25 @@ pub fn check_protocol_version(version: u32) -> Result<(), String> {
         Err(format!(
             "protocol version {version} is not supported (this control plane speaks {PROTOCOL_VERSION})"
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_usage_polls_spread_over_the_interval() {
+        let interval = Duration::from_secs(10);
+        let offsets: Vec<Duration> = (0..200).map(|_| first_poll_after(interval)).collect();
+        assert!(offsets.iter().all(|o| *o < interval));
+        assert!(offsets.iter().any(|o| *o < interval / 4), "{offsets:?}");
+        assert!(offsets.iter().any(|o| *o > interval * 3 / 4), "{offsets:?}");
+    }
+
+    #[test]
+    fn encoded_len_counts_the_bytes_of_the_json_text() {
+        let value = serde_json::json!({"content": "line \"one\"\n\ttwo é", "n": [1, 2.5, null]});
+        assert_eq!(encoded_len(&value), value.to_string().len());
     }
 }
