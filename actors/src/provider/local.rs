@@ -45,6 +45,8 @@ struct SandboxFile {
 /// A sandbox this process started: its exit is observed directly.
 struct Child {
     exit: watch::Receiver<Option<SandboxExit>>,
+    /// The sandbox's directory.
+    dir: PathBuf,
 }
 
 pub struct LocalProvider {
@@ -115,8 +117,12 @@ impl LocalProvider {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Finds the sandbox directory of a pid by reading the sandbox files.
+    /// The sandbox directory of a pid: known for sandboxes this process started; for others
+    /// (started before a restart) found by reading the sandbox files.
     async fn dir_of(&self, pid: u32) -> Option<PathBuf> {
+        if let Some(child) = self.children().get(&pid) {
+            return Some(child.dir.clone());
+        }
         let mut entries = tokio::fs::read_dir(&self.config.work_root).await.ok()?;
         while let Ok(Some(entry)) = entries.next_entry().await {
             let file = entry.path().join("sandbox.json");
@@ -260,7 +266,7 @@ impl Provider for LocalProvider {
                 tracing::debug!(pid, "sandbox exit observed with nobody waiting");
             }
         });
-        self.children().insert(pid, Child { exit: rx });
+        self.children().insert(pid, Child { exit: rx, dir });
         Ok(SandboxHandle {
             id: pid.to_string(),
             remote_host: format!("{} (pid {pid})", self.host),
