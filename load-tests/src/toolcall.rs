@@ -10,6 +10,8 @@ use clap::Args;
 use serde_json::json;
 
 use crate::agent::AgentReport;
+use codebolt::telemetry::TelemetrySettings;
+
 use crate::fixture::{self, shell_quote, Api, InProcessServer, LocalProvider, Workspace};
 use crate::relay;
 use crate::stats::{self, Budget, Summary};
@@ -43,6 +45,61 @@ pub struct ToolcallArgs {
 pub(crate) const TOOL: &str = "fs.read_file";
 pub(crate) const PATH: &str = "README.md";
 
+/// What `toolcall` and `trace-overhead` measure with: a workspace whose `toolcall` agent is this
+/// binary (`agent <agent args> --tool fs.read_file --path README.md`), and the server in-process
+/// with two `local` providers: the real shim (`local`) and the simulated shim's sleeping stand-in.
+pub(crate) struct Bench {
+    /// First, so it stops before the directories go.
+    pub server: InProcessServer,
+    pub workspace: Workspace,
+    _scripts: tempfile::TempDir,
+}
+
+impl Bench {
+    /// `telemetry`: installed on the server's thread first (see `InProcessServer::start_traced`).
+    pub fn start(
+        agent_args: &str,
+        file_bytes: usize,
+        shim: PathBuf,
+        workers: usize,
+        telemetry: Option<TelemetrySettings>,
+    ) -> anyhow::Result<Bench> {
+        let exe = std::env::current_exe().context("path of the load-tests binary")?;
+        let workspace = Workspace::new(file_bytes)?;
+        workspace.agent(
+            "toolcall",
+            &format!(
+                "{} agent {agent_args} --tool {TOOL} --path {PATH}",
+                shell_quote(&exe.display().to_string())
+            ),
+        )?;
+        let scripts = tempfile::Builder::new()
+            .prefix("codebolt-load-bin-")
+            .tempdir()?;
+        let server = InProcessServer::start_traced(
+            workspace.path(),
+            &[
+                LocalProvider {
+                    name: "local".into(),
+                    shim_path: shim,
+                },
+                LocalProvider {
+                    name: sim_shim::PROVIDER.into(),
+                    shim_path: sim_shim::write_sleeper(scripts.path())?,
+                },
+            ],
+            fixture::load_timeouts(),
+            workers,
+            telemetry,
+        )?;
+        Ok(Bench {
+            server,
+            workspace,
+            _scripts: scripts,
+        })
+    }
+}
+
 struct Row {
     label: &'static str,
     latency: Summary,
@@ -53,35 +110,15 @@ struct Row {
 pub async fn run(args: ToolcallArgs) -> anyhow::Result<()> {
     let shim = fixture::shim_binary(args.shim.as_deref())?;
     let exe = std::env::current_exe().context("path of the load-tests binary")?;
-    let workspace = Workspace::new(args.file_bytes)?;
-    let readme = std::fs::read_to_string(workspace.path().join(PATH))?;
-    let agent_command = format!(
-        "{} agent --calls {} --warmup {} --tool {} --path {}",
-        shell_quote(&exe.display().to_string()),
-        args.calls,
-        args.warmup,
-        TOOL,
-        PATH
-    );
-    workspace.agent("toolcall", &agent_command)?;
-    let scripts = tempfile::Builder::new()
-        .prefix("codebolt-load-bin-")
-        .tempdir()?;
-    let server = InProcessServer::start(
-        workspace.path(),
-        &[
-            LocalProvider {
-                name: "local".into(),
-                shim_path: shim,
-            },
-            LocalProvider {
-                name: sim_shim::PROVIDER.into(),
-                shim_path: sim_shim::write_sleeper(scripts.path())?,
-            },
-        ],
-        fixture::load_timeouts(),
+    let bench = Bench::start(
+        &format!("--calls {} --warmup {}", args.calls, args.warmup),
+        args.file_bytes,
+        shim,
         args.workers,
+        None,
     )?;
+    let server = &bench.server;
+    let readme = std::fs::read_to_string(bench.workspace.path().join(PATH))?;
     let api = Api::new(&server.base_url)?;
     println!(
         "toolcall: {} round trips (+{} warmup) of {TOOL} {{path: {PATH}}} ({} bytes), one at a time; server in-process on {} ({} HTTP workers)",
@@ -194,7 +231,7 @@ pub async fn run(args: ToolcallArgs) -> anyhow::Result<()> {
             report.call_line_bytes, report.result_line_bytes
         ),
     });
-    server.shutdown()?;
+    bench.server.shutdown()?;
 
     print_report(&rows, floor.latency.p50_us, path_floor_p50);
     Ok(())

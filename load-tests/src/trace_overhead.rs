@@ -18,11 +18,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent::AgentReport;
 use crate::cluster::procs::cpu_seconds;
-use crate::fixture::{self, shell_quote, Api, InProcessServer, LocalProvider, Workspace};
+use crate::fixture::{self, Api};
 use crate::otlp::{Received, Receiver};
 use crate::sim_shim;
 use crate::stats::{self, Budget, Summary};
-use crate::toolcall::{PATH, TOOL};
+use crate::toolcall::{Bench, PATH, TOOL};
 
 /// The target: export on costs at most this share of the throughput, sampling 100 %.
 const TARGET_COST_PCT: f64 = 10.0;
@@ -148,37 +148,18 @@ pub async fn child(args: ChildArgs) -> anyhow::Result<()> {
         if exporting { "on" } else { "off" }
     );
 
-    let exe = std::env::current_exe().context("path of the load-tests binary")?;
-    let workspace = Workspace::new(w.file_bytes)?;
-    let agent_command = format!(
-        "{} agent --warmup {} --duration-ms {} --tool {} --path {}",
-        shell_quote(&exe.display().to_string()),
-        w.warmup,
-        w.duration_s * 1000,
-        TOOL,
-        PATH
-    );
-    workspace.agent("toolcall", &agent_command)?;
-    let scripts = tempfile::Builder::new()
-        .prefix("codebolt-load-bin-")
-        .tempdir()?;
-    let server = InProcessServer::start_traced(
-        workspace.path(),
-        &[
-            LocalProvider {
-                name: "local".into(),
-                shim_path: args.shim.clone(),
-            },
-            LocalProvider {
-                name: sim_shim::PROVIDER.into(),
-                shim_path: sim_shim::write_sleeper(scripts.path())?,
-            },
-        ],
-        fixture::load_timeouts(),
+    let bench = Bench::start(
+        &format!(
+            "--warmup {} --duration-ms {}",
+            w.warmup,
+            w.duration_s * 1000
+        ),
+        w.file_bytes,
+        args.shim.clone(),
         w.workers,
         Some(settings),
     )?;
-    let api = Api::new(&server.base_url)?;
+    let api = Api::new(&bench.server.base_url)?;
     let budget = Budget {
         warmup: w.warmup,
         calls: u64::MAX,
@@ -216,7 +197,7 @@ pub async fn child(args: ChildArgs) -> anyhow::Result<()> {
     );
     tool_calls += w.warmup + agent.latency.count;
     // Stops the server, then flushes what the exporter still holds.
-    server.shutdown()?;
+    bench.server.shutdown()?;
 
     let report = ChildReport {
         exporting,
