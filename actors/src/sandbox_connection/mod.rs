@@ -166,12 +166,7 @@ impl SandboxConnection {
             ctx.cancel_future(timer);
         }
         if let Some(seq) = self.pending_ack.take() {
-            match serde_json::to_string(&ServerMessage::Ack { seq }) {
-                Ok(text) => self.queue(Outbound::Text(text), ctx),
-                Err(err) => {
-                    tracing::error!(conn = self.id, error = %err, "could not encode an ack")
-                }
-            }
+            self.send(&ServerMessage::Ack { seq }, ctx);
         }
     }
 
