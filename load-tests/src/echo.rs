@@ -29,10 +29,7 @@ pub async fn measure(
     let server = std::thread::Builder::new()
         .name("echo-server".into())
         .spawn(move || -> anyhow::Result<()> {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async move {
+            crate::runtime()?.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener)?;
                 let (tcp, _) = listener.accept().await?;
                 tcp.set_nodelay(true)?;

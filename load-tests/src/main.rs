@@ -58,8 +58,9 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// The client's runtime: one thread, so the server's threads keep the rest of the machine.
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+/// A one-thread runtime: the client's (so the server's threads keep the rest of the machine),
+/// and those of the harness's own servers and relay, each on a thread of its own.
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)

@@ -135,13 +135,8 @@ impl Receiver {
         std::thread::Builder::new()
             .name("otlp-receiver".into())
             .spawn(move || {
-                let started = idle_class().and_then(|()| {
-                    let runtime = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .context("the OTLP receiver's runtime")?;
-                    Ok(runtime)
-                });
+                let started = idle_class()
+                    .and_then(|()| crate::runtime().context("the OTLP receiver's runtime"));
                 let runtime = match started {
                     Ok(runtime) => runtime,
                     Err(err) => {

@@ -31,7 +31,7 @@ pub fn measure(
     // processes of their own.
     let server = std::thread::Builder::new()
         .name("relay-server".into())
-        .spawn(move || current_thread()?.block_on(answer(listener, content)))?;
+        .spawn(move || crate::runtime()?.block_on(answer(listener, content)))?;
     let args = [
         "agent".to_string(),
         format!("--calls={calls}"),
@@ -42,7 +42,7 @@ pub fn measure(
     let exe = exe.to_path_buf();
     let relay = std::thread::Builder::new()
         .name("relay".into())
-        .spawn(move || current_thread()?.block_on(relay(&exe, &args, addr)))?;
+        .spawn(move || crate::runtime()?.block_on(relay(&exe, &args, addr)))?;
     let report = match relay.join() {
         Ok(res) => res?,
         Err(_) => bail!("the relay thread panicked"),
@@ -52,12 +52,6 @@ pub fn measure(
         Err(_) => bail!("the relay's server thread panicked"),
     }
     Ok(report)
-}
-
-fn current_thread() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?)
 }
 
 /// Answers every frame (an agent's `tool_call` line) with a `tool_result` line for its id.
