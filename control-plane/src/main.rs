@@ -11,6 +11,9 @@ mod cli;
 
 use cli::{Cli, Command};
 
+#[global_allocator]
+static ALLOCATOR: codebolt::Allocator = codebolt::Allocator;
+
 #[actix_web::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -45,6 +45,10 @@ enum Command {
     Agent(agent::AgentArgs),
 }
 
+/// The same allocator as `codebolt`, since the harness hosts the server in-process.
+#[global_allocator]
+static ALLOCATOR: codebolt::Allocator = codebolt::Allocator;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {

@@ -1444,24 +1444,7 @@ impl RunActor {
             return;
         };
         let took = started.elapsed();
-        let duration_ms = took.as_millis() as u64;
-        let mut attributes = vec![KeyValue::new(attr::TOOL_NAME, tool.clone())];
-        if let Err(failure) = &res {
-            attributes.push(KeyValue::new(attr::ERROR_TYPE, failure.code));
-        }
-        Metrics::record(&self.deps.metrics.tool_call_duration, took, &attributes);
-        match &res {
-            Ok(value) => {
-                span.record("outcome", "ok");
-                span.record("tool.result_bytes", encoded_len(value));
-            }
-            Err(failure) => {
-                span.record("outcome", failure.code);
-                span.record("otel.status_code", "ERROR");
-            }
-        }
-        drop(span);
-        let (message, ok, error_code) = match res {
+        let (message, failure_code) = match res {
             Ok(result) => (
                 ServerMessage::ToolResult {
                     call_id: call_id.clone(),
@@ -1469,7 +1452,6 @@ impl RunActor {
                     result: Some(result),
                     error: None,
                 },
-                true,
                 None,
             ),
             Err(failure) => (
@@ -1482,12 +1464,35 @@ impl RunActor {
                         message: failure.message,
                     }),
                 },
-                false,
-                Some(failure.code.to_string()),
+                Some(failure.code),
             ),
         };
-        tracing::debug!(run_id = %self.id, trace_id = %self.record.trace_id, call_id, tool, ok, duration_ms, "tool call finished");
+        // The agent waits for this answer; what is only bookkeeping (span, metric, event, the
+        // copy kept for a resend) comes after it has left.
         self.send(message.clone());
+        let mut attributes = vec![KeyValue::new(attr::TOOL_NAME, tool.clone())];
+        match failure_code {
+            None => {
+                span.record("outcome", "ok");
+                if let ServerMessage::ToolResult {
+                    result: Some(value),
+                    ..
+                } = &message
+                {
+                    span.record("tool.result_bytes", encoded_len(value));
+                }
+            }
+            Some(code) => {
+                attributes.push(KeyValue::new(attr::ERROR_TYPE, code));
+                span.record("outcome", code);
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+        drop(span);
+        Metrics::record(&self.deps.metrics.tool_call_duration, took, &attributes);
+        let duration_ms = took.as_millis() as u64;
+        let ok = failure_code.is_none();
+        tracing::debug!(run_id = %self.id, trace_id = %self.record.trace_id, call_id, tool, ok, duration_ms, "tool call finished");
         self.remember_answer(call_id.clone(), message);
         self.agent_activity(ctx);
         self.recorded_results.insert(call_id.clone());
@@ -1497,7 +1502,7 @@ impl RunActor {
                 tool,
                 ok,
                 duration_ms,
-                error_code,
+                error_code: failure_code.map(str::to_string),
             }],
             ctx,
         );
