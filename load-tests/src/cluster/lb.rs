@@ -45,27 +45,15 @@ impl LoadBalancer {
         let routing = Arc::new(Mutex::new(Routing::default()));
         let (stop, stopped) = oneshot::channel::<()>();
         let serving = routing.clone();
+        let runtime = crate::runtime()?;
+        let listener = {
+            let _in_runtime = runtime.enter();
+            TcpListener::from_std(listener).context("load balancer listener")?
+        };
         let thread = std::thread::Builder::new()
             .name("load-balancer".into())
             .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(err) => {
-                        eprintln!("load balancer: no runtime: {err}");
-                        return;
-                    }
-                };
                 runtime.block_on(async move {
-                    let listener = match TcpListener::from_std(listener) {
-                        Ok(listener) => listener,
-                        Err(err) => {
-                            eprintln!("load balancer: listener: {err}");
-                            return;
-                        }
-                    };
                     tokio::select! {
                         _ = stopped => {}
                         () = accept_loop(listener, serving) => {}
