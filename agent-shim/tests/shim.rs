@@ -355,6 +355,8 @@ async fn bundle_download_401_exits_4() {
     let status = shim.wait(STEP).await;
     assert_eq!(status.code(), Some(4), "stderr:\n{}", shim.stderr());
     assert!(!shim.work_dir.path().join("agent.pid").exists());
+    // The WebSocket is closed, not dropped.
+    assert_eq!(conn.expect_close().await, Some(1000));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

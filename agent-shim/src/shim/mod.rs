@@ -117,7 +117,7 @@ pub async fn run(config: Config, mut shutdown: mpsc::Receiver<&'static str>) -> 
     );
     loop {
         if let Some(exit) = shim.finished() {
-            shim.close().await;
+            shim.close("run finished").await;
             return exit;
         }
         let event = shim.next_event(&mut shutdown).await;
@@ -602,13 +602,14 @@ impl Shim {
         }
     }
 
-    async fn close(&mut self) {
+    /// Closes the connection (if open) with a normal close, and waits briefly for the reply.
+    async fn close(&mut self, reason: &str) {
         let Some(mut ws) = self.ws.take() else {
             return;
         };
         let frame = CloseFrame {
             code: CloseCode::Normal,
-            reason: "run finished".into(),
+            reason: reason.to_owned().into(),
         };
         let closing = async {
             ws.close(Some(frame)).await?;
@@ -621,7 +622,7 @@ impl Shim {
             Ok::<(), tungstenite::Error>(())
         };
         match timeout(CLOSE_TIMEOUT, closing).await {
-            Ok(Ok(())) => tracing::info!("run finished; connection closed"),
+            Ok(Ok(())) => tracing::info!(reason, "connection closed"),
             Ok(Err(e)) => tracing::debug!(error = %e, "closing the connection"),
             Err(_) => tracing::debug!("the control plane did not answer the close"),
         }
@@ -987,6 +988,9 @@ impl Shim {
     async fn refused(&mut self, reason: &str) -> ShimExit {
         tracing::error!(%reason, "the control plane refused the run token; stopping the agent and exiting");
         self.terminate_agent().await;
+        // Refused by an HTTP endpoint (the bundle's) while the WebSocket is open: leave it with
+        // a close frame rather than a dropped socket.
+        self.close("run token refused").await;
         ShimExit::TokenRefused
     }
 }
