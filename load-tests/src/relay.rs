@@ -14,6 +14,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::agent::AgentReport;
+use crate::echo;
 
 /// Runs the agent (`exe agent …`) behind the relay; `content` is what each result carries.
 pub fn measure(
@@ -24,14 +25,21 @@ pub fn measure(
     warmup: u64,
     calls: u64,
 ) -> anyhow::Result<AgentReport> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    listener.set_nonblocking(true)?;
-    let addr = listener.local_addr()?;
+    let result = Some(serde_json::json!({ "content": content }));
     // Server and relay each on a thread of their own, as the control plane and the shim are
     // processes of their own.
-    let server = std::thread::Builder::new()
-        .name("relay-server".into())
-        .spawn(move || crate::runtime()?.block_on(answer(listener, content)))?;
+    let (addr, server) = echo::answering_server("relay-server", move |text| {
+        let id = match serde_json::from_str::<FromAgent>(text)? {
+            FromAgent::ToolCall { id, .. } => id,
+            other => bail!("the relay forwarded a line that is not a tool call: {other:?}"),
+        };
+        Ok(serde_json::to_string(&ToAgent::ToolResult {
+            id,
+            ok: true,
+            result: result.clone(),
+            error: None,
+        })?)
+    })?;
     let args = [
         "agent".to_string(),
         format!("--calls={calls}"),
@@ -43,44 +51,9 @@ pub fn measure(
     let relay = std::thread::Builder::new()
         .name("relay".into())
         .spawn(move || crate::runtime()?.block_on(relay(&exe, &args, addr)))?;
-    let report = match relay.join() {
-        Ok(res) => res?,
-        Err(_) => bail!("the relay thread panicked"),
-    };
-    match server.join() {
-        Ok(res) => res?,
-        Err(_) => bail!("the relay's server thread panicked"),
-    }
+    let report = echo::join(relay, "relay")?;
+    echo::join(server, "relay's server")?;
     Ok(report)
-}
-
-/// Answers every frame (an agent's `tool_call` line) with a `tool_result` line for its id.
-async fn answer(listener: std::net::TcpListener, content: String) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::from_std(listener)?;
-    let (tcp, _) = listener.accept().await?;
-    tcp.set_nodelay(true)?;
-    let mut ws = tokio_tungstenite::accept_async(tcp).await?;
-    let result = Some(serde_json::json!({ "content": content }));
-    while let Some(msg) = ws.next().await {
-        match msg? {
-            Message::Text(text) => {
-                let id = match serde_json::from_str::<FromAgent>(&text)? {
-                    FromAgent::ToolCall { id, .. } => id,
-                    other => bail!("the relay forwarded a line that is not a tool call: {other:?}"),
-                };
-                let line = serde_json::to_string(&ToAgent::ToolResult {
-                    id,
-                    ok: true,
-                    result: result.clone(),
-                    error: None,
-                })?;
-                ws.send(Message::Text(line)).await?;
-            }
-            Message::Close(_) => break,
-            _ => {}
-        }
-    }
-    Ok(())
 }
 
 /// Starts the agent, hands it a task, and carries its tool calls to the server and the answers
@@ -114,15 +87,9 @@ async fn relay(
         };
         if line.contains(r#""type":"tool_call""#) {
             ws.send(Message::Text(line)).await?;
-            let answer = loop {
-                match ws.next().await {
-                    Some(Ok(Message::Text(text))) => break text,
-                    Some(Ok(_)) => continue,
-                    Some(Err(err)) => return Err(err.into()),
-                    None => bail!("the relay's server closed the connection"),
-                }
-            };
-            let mut bytes = answer.into_bytes();
+            let mut bytes = echo::next_text(&mut ws, "relay's server")
+                .await?
+                .into_bytes();
             bytes.push(b'\n');
             stdin.write_all(&bytes).await?;
         } else {
