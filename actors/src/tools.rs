@@ -40,6 +40,14 @@ pub trait ToolHost: Send + Sync + 'static {
     /// Runs one tool call. Must not block the calling thread (use `spawn_blocking` for file I/O).
     async fn call(&self, run_id: RunId, tool: &str, args: Value) -> Result<Value, ToolFailure>;
 
+    /// The answer to a call that can be had at once, without waiting for anything (a read the
+    /// kernel serves from memory, say), or `None` to leave the call to [`ToolHost::call`]. The
+    /// connection that received the call answers it on the spot with this; it must be exactly
+    /// what `call` would answer, and safe to run again for a call that is resent.
+    fn call_now(&self, _run_id: RunId, _tool: &str, _args: &Value) -> Option<Value> {
+        None
+    }
+
     /// Names of the tools this host serves.
     fn tools(&self) -> Vec<&'static str>;
 }

@@ -357,6 +357,7 @@ async fn idle_timeout_stops_then_fails_idle_timeout() {
     run.send(ShimFrame {
         conn_id: 1,
         queued: None,
+        answered: None,
         message: ShimMessage::Log {
             seq: 1,
             stream: agent_shim::protocol::LogStream::Stdout,
@@ -398,6 +399,7 @@ async fn run_ttl_is_not_reset_by_activity() {
         run.send(ShimFrame {
             conn_id: 1,
             queued: None,
+            answered: None,
             message: ShimMessage::Log {
                 seq,
                 stream: agent_shim::protocol::LogStream::Stdout,
@@ -413,6 +415,7 @@ async fn run_ttl_is_not_reset_by_activity() {
     run.send(ShimFrame {
         conn_id: 1,
         queued: None,
+        answered: None,
         message: ShimMessage::Exited {
             seq: 6,
             code: Some(143),
@@ -454,6 +457,7 @@ async fn a_call_the_shim_already_has_an_answer_to_is_recorded_not_executed_again
         run.send(ShimFrame {
             conn_id: 1,
             queued: None,
+            answered: None,
             message: ShimMessage::ToolCall {
                 seq,
                 call_id: call.into(),
@@ -523,6 +527,112 @@ async fn a_call_the_shim_already_has_an_answer_to_is_recorded_not_executed_again
 }
 
 #[actix_rt::test]
+async fn a_call_the_connection_answered_is_recorded_not_executed_or_answered_again() {
+    use ::actors::run::messages::AnsweredHere;
+    tokio::time::pause();
+    let h = harness(SpawnMode::Succeed);
+    let (id, run) = h.launch(None).await;
+    h.advance_until(id, RunState::Starting, Duration::from_secs(1))
+        .await;
+    let inbox = connect(&run, 1).await;
+    let answered = |call: &str| {
+        Some(Box::new(AnsweredHere {
+            message: ServerMessage::ToolResult {
+                call_id: call.into(),
+                ok: true,
+                result: Some(json!({ "answered": call })),
+                error: None,
+            },
+            took: Duration::from_micros(7),
+            span: tracing::Span::none(),
+        }))
+    };
+    // c1 answered by the connection; c1 again (the agent reused the id) likewise; c2 not.
+    for (seq, call, answer) in [(1, "c1", true), (2, "c1", true), (3, "c2", false)] {
+        run.send(ShimFrame {
+            conn_id: 1,
+            queued: None,
+            answered: if answer { answered(call) } else { None },
+            message: ShimMessage::ToolCall {
+                seq,
+                call_id: call.into(),
+                tool: "echo".into(),
+                args: json!({ "call": call }),
+            },
+        })
+        .await
+        .unwrap();
+    }
+    let mut tries = 0;
+    let events = loop {
+        tries += 1;
+        let events: Vec<(String, String, bool)> = {
+            use futures_util::StreamExt;
+            h.store
+                .events(id, 0, false)
+                .await
+                .unwrap()
+                .filter_map(|e| async move {
+                    match e.unwrap().kind {
+                        ::actors::model::EventKind::ToolCall { call_id, .. } => {
+                            Some(("call".into(), call_id, true))
+                        }
+                        ::actors::model::EventKind::ToolResult { call_id, ok, .. } => {
+                            Some(("result".into(), call_id, ok))
+                        }
+                        _ => None,
+                    }
+                })
+                .collect()
+                .await
+        };
+        if events.len() >= 5 || tries > 250 {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let pairs: Vec<(&str, &str)> = events
+        .iter()
+        .map(|(what, call, _)| (what.as_str(), call.as_str()))
+        .collect();
+    assert_eq!(
+        pairs,
+        [
+            ("call", "c1"),
+            ("result", "c1"),
+            ("call", "c1"),
+            ("call", "c2"),
+            ("result", "c2")
+        ],
+        "c1 recorded once with its answer, the reused id only as a call: {events:?}"
+    );
+    let executed: Vec<Value> = EXECUTED
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(run, _, _)| *run == id)
+        .map(|(_, _, args)| args.clone())
+        .collect();
+    assert_eq!(executed, vec![json!({"call": "c2"})], "only c2 executed");
+    let frames = inbox.lock().unwrap();
+    let answered: Vec<&str> = frames
+        .iter()
+        .filter_map(|m| match m {
+            ToShim::Frame(ServerMessage::ToolResult { call_id, .. }) => Some(call_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        answered,
+        ["c2"],
+        "the run actor answers only what the connection did not"
+    );
+    assert!(frames
+        .iter()
+        .any(|m| matches!(m, ToShim::Frame(ServerMessage::Ack { seq: 3 }))));
+}
+
+#[actix_rt::test]
 async fn a_tool_call_timeout_answers_the_agent_and_the_run_goes_on() {
     tokio::time::pause();
     let h = harness(SpawnMode::Succeed);
@@ -533,6 +643,7 @@ async fn a_tool_call_timeout_answers_the_agent_and_the_run_goes_on() {
     run.send(ShimFrame {
         conn_id: 1,
         queued: None,
+        answered: None,
         message: ShimMessage::ToolCall {
             seq: 1,
             call_id: "c1".into(),
@@ -601,6 +712,7 @@ async fn a_resumed_shim_resends_and_duplicates_are_dropped() {
         run.send(ShimFrame {
             conn_id: 1,
             queued: None,
+            answered: None,
             message: msg(seq, &format!("m{seq}")),
         })
         .await
@@ -620,6 +732,7 @@ async fn a_resumed_shim_resends_and_duplicates_are_dropped() {
     run.send(ShimFrame {
         conn_id: 1,
         queued: None,
+        answered: None,
         message: msg(4, "from the old connection"),
     })
     .await
@@ -628,6 +741,7 @@ async fn a_resumed_shim_resends_and_duplicates_are_dropped() {
         run.send(ShimFrame {
             conn_id: 2,
             queued: None,
+            answered: None,
             message: msg(seq, &format!("m{seq}")),
         })
         .await

@@ -16,7 +16,8 @@ use opentelemetry::KeyValue;
 use serde_json::Value;
 
 use super::messages::{
-    CheckCommands, KillRun, ShimFrame, ShimGone, ShimHello, StopRun, Superseded,
+    AnsweredHere, Attachment, CheckCommands, KillRun, ShimFrame, ShimGone, ShimHello, StopRun,
+    Superseded,
 };
 use super::state::{transition, Action, Ending, Input, Limits, Phase, Timer};
 use crate::metrics::{attr, Metrics, QueueCounter, QueueKind};
@@ -1248,7 +1249,13 @@ impl RunActor {
         }
     }
 
-    fn handle_sequenced(&mut self, message: ShimMessage, ctx: &mut Context<Self>) {
+    /// `answered`: the connection answered this tool call already.
+    fn handle_sequenced(
+        &mut self,
+        message: ShimMessage,
+        answered: Option<Box<AnsweredHere>>,
+        ctx: &mut Context<Self>,
+    ) {
         let Some(seq) = message.seq() else {
             return;
         };
@@ -1321,7 +1328,12 @@ impl RunActor {
                             error_code: answered.error_code,
                         });
                     }
-                    None => self.start_tool_call(call_id, tool, args, ctx),
+                    None => match answered {
+                        Some(answered) => {
+                            events.extend(self.record_answered(call_id, tool, *answered, ctx))
+                        }
+                        None => self.start_tool_call(call_id, tool, args, ctx),
+                    },
                 }
             }
             ShimMessage::Log { stream, line, .. } => {
@@ -1389,16 +1401,7 @@ impl RunActor {
             tracing::warn!(run_id = %self.id, trace_id = %self.record.trace_id, call_id, "duplicate tool call id; not executed again");
             return;
         }
-        let span = tracing::info_span!(
-            parent: &self.spec.span,
-            "tool.call",
-            tool.name = %tool,
-            tool.call_id = %call_id,
-            tool.args_bytes = encoded_len(&args),
-            tool.result_bytes = tracing::field::Empty,
-            outcome = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-        );
+        let span = tool_call_span(&self.spec.span, &tool, &call_id, &args);
         self.in_flight.insert(
             call_id.clone(),
             InFlight {
@@ -1470,6 +1473,48 @@ impl RunActor {
         // The agent waits for this answer; what is only bookkeeping (span, metric, event, the
         // copy kept for a resend) comes after it has left.
         self.send(message.clone());
+        let result = self.settle(call_id, tool, took, span, message, failure_code, ctx);
+        self.record_events(vec![result], ctx);
+    }
+
+    /// Records a call the connection answered on receipt (`ToolHost::call_now`); returns its
+    /// result event, stored with the call's.
+    fn record_answered(
+        &mut self,
+        call_id: String,
+        tool: String,
+        answered: AnsweredHere,
+        ctx: &mut Context<Self>,
+    ) -> Option<EventKind> {
+        if self
+            .seen_calls
+            .insert(call_id.clone(), tool.clone())
+            .is_some()
+        {
+            tracing::warn!(run_id = %self.id, trace_id = %self.record.trace_id, call_id, "duplicate tool call id; the connection answered it again, not recorded again");
+            return None;
+        }
+        let AnsweredHere {
+            message,
+            took,
+            span,
+        } = answered;
+        Some(self.settle(call_id, tool, took, span, message, None, ctx))
+    }
+
+    /// A call's bookkeeping once its answer has left: span, metric, the answer kept for a
+    /// resend and the idle timer; returns the result event to store.
+    #[allow(clippy::too_many_arguments)]
+    fn settle(
+        &mut self,
+        call_id: String,
+        tool: String,
+        took: Duration,
+        span: tracing::Span,
+        message: ServerMessage,
+        failure_code: Option<&'static str>,
+        ctx: &mut Context<Self>,
+    ) -> EventKind {
         let mut attributes = vec![KeyValue::new(attr::TOOL_NAME, tool.clone())];
         match failure_code {
             None => {
@@ -1496,16 +1541,13 @@ impl RunActor {
         self.remember_answer(call_id.clone(), message);
         self.agent_activity(ctx);
         self.recorded_results.insert(call_id.clone());
-        self.record_events(
-            vec![EventKind::ToolResult {
-                call_id,
-                tool,
-                ok,
-                duration_ms,
-                error_code: failure_code.map(str::to_string),
-            }],
-            ctx,
-        );
+        EventKind::ToolResult {
+            call_id,
+            tool,
+            ok,
+            duration_ms,
+            error_code: failure_code.map(str::to_string),
+        }
     }
 
     fn remember_answer(&mut self, call_id: String, message: ServerMessage) {
@@ -1517,6 +1559,26 @@ impl RunActor {
         self.answered_order.push_back(call_id.clone());
         self.answered.insert(call_id, message);
     }
+}
+
+/// The `tool.call` span of one call, child of the run's span; outcome and result size are
+/// recorded when it is answered.
+pub(crate) fn tool_call_span(
+    parent: &tracing::Span,
+    tool: &str,
+    call_id: &str,
+    args: &Value,
+) -> tracing::Span {
+    tracing::info_span!(
+        parent: parent,
+        "tool.call",
+        tool.name = %tool,
+        tool.call_id = %call_id,
+        tool.args_bytes = encoded_len(args),
+        tool.result_bytes = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    )
 }
 
 /// When a run's first usage reading is due: somewhere within the first `interval`.
@@ -1758,7 +1820,7 @@ impl Handler<Superseded> for RunActor {
 pub const CLOSE_RUN_MOVED: u16 = 4001;
 
 impl Handler<ShimHello> for RunActor {
-    type Result = Result<QueueCounter, TokenError>;
+    type Result = Result<Attachment, TokenError>;
     fn handle(&mut self, msg: ShimHello, ctx: &mut Context<Self>) -> Self::Result {
         self.refuse_if_ended()?;
         if let Some(old) = self.connection.take() {
@@ -1861,7 +1923,11 @@ impl Handler<ShimHello> for RunActor {
             ctx,
         );
         self.apply(Input::ShimConnected, ctx);
-        Ok(self.mailbox.clone())
+        Ok(Attachment {
+            mailbox: self.mailbox.clone(),
+            last_seq: self.last_seq,
+            span: self.spec.span.clone(),
+        })
     }
 }
 
@@ -1879,7 +1945,7 @@ impl Handler<ShimFrame> for RunActor {
         if self.phase.state.is_terminal() {
             return;
         }
-        self.handle_sequenced(msg.message, ctx);
+        self.handle_sequenced(msg.message, msg.answered, ctx);
     }
 }
 

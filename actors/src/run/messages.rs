@@ -1,7 +1,9 @@
 //! Messages a `RunActor` handles, named as verbs.
 
+use std::time::Duration;
+
 use actix::prelude::*;
-use agent_shim::protocol::{AnsweredCall, ShimMessage};
+use agent_shim::protocol::{AnsweredCall, ServerMessage, ShimMessage};
 
 use crate::metrics::{QueueCounter, QueuedMessage};
 use crate::sandbox_connection::messages::ToShim;
@@ -23,7 +25,7 @@ pub struct KillRun {
 
 /// A shim said hello on a connection whose token is valid for this run.
 #[derive(Message)]
-#[rtype(result = "Result<QueueCounter, TokenError>")]
+#[rtype(result = "Result<Attachment, TokenError>")]
 pub struct ShimHello {
     pub conn_id: u64,
     pub conn: Recipient<ToShim>,
@@ -34,6 +36,16 @@ pub struct ShimHello {
     pub answered_calls: Vec<AnsweredCall>,
 }
 
+/// What a connection learns when the run accepts its shim.
+pub struct Attachment {
+    /// Counts the frames the connection hands to the run actor until they are handled.
+    pub mailbox: QueueCounter,
+    /// The highest sequence number the run has taken; frames up to it are resends.
+    pub last_seq: u64,
+    /// The run's span, parent of the spans of the calls the connection answers itself.
+    pub span: tracing::Span,
+}
+
 /// A frame from the shim on the run's current connection.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -42,6 +54,18 @@ pub struct ShimFrame {
     pub message: ShimMessage,
     /// Counts the frame in the run actor's mailbox until it is handled.
     pub queued: Option<QueuedMessage>,
+    /// A tool call the connection already answered (see `ToolHost::call_now`): the run records
+    /// it and its answer instead of executing it.
+    pub answered: Option<Box<AnsweredHere>>,
+}
+
+/// A tool call's answer sent by the connection that received the call.
+pub struct AnsweredHere {
+    /// The `tool_result` sent.
+    pub message: ServerMessage,
+    pub took: Duration,
+    /// The call's `tool.call` span, still open.
+    pub span: tracing::Span,
 }
 
 /// The connection went away.

@@ -4,6 +4,7 @@
 
 pub mod messages;
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,8 +17,8 @@ use tokio::sync::mpsc;
 
 use crate::metrics::{QueueCounter, QueueKind};
 use crate::model::RunId;
-use crate::run::actor::check_protocol_version;
-use crate::run::messages::{ShimFrame, ShimGone, ShimHello};
+use crate::run::actor::{check_protocol_version, tool_call_span};
+use crate::run::messages::{AnsweredHere, Attachment, ShimFrame, ShimGone, ShimHello};
 use crate::run::{adopt, AdoptError, RunActor, RunDeps, RunRegistry};
 use crate::store::RunStore;
 use crate::store::{Claim, StoreError};
@@ -61,7 +62,44 @@ enum Stage {
         run: Addr<RunActor>,
         /// Counts frames handed to the run actor until it handled them.
         mailbox: QueueCounter,
+        /// Which tool calls this connection may answer itself.
+        gate: AnswerGate,
+        /// The run's span, parent of the spans of calls answered here.
+        span: tracing::Span,
     },
+}
+
+/// Decides which tool calls a connection may answer on receipt instead of leaving them to the
+/// run actor: only calls the run has never seen. A frame whose sequence number is not the next
+/// one after what the run had taken (a resend, or a gap the run actor deals with) is left to
+/// the run actor, and so is a call the shim said, in its hello, it already has an answer to.
+#[derive(Debug)]
+pub struct AnswerGate {
+    next_seq: u64,
+    answered_before: HashSet<String>,
+}
+
+impl AnswerGate {
+    /// `last_seq`: the highest sequence number the run had taken when it accepted the shim.
+    pub fn new(last_seq: u64, answered_before: HashSet<String>) -> AnswerGate {
+        AnswerGate {
+            next_seq: last_seq + 1,
+            answered_before,
+        }
+    }
+
+    /// Notes a sequenced frame going to the run actor; true if it is a tool call the connection
+    /// may answer itself.
+    pub fn admit(&mut self, message: &ShimMessage) -> bool {
+        let Some(seq) = message.seq() else {
+            return false;
+        };
+        if seq != self.next_seq {
+            return false;
+        }
+        self.next_seq += 1;
+        matches!(message, ShimMessage::ToolCall { call_id, .. } if !self.answered_before.contains(call_id))
+    }
 }
 
 pub struct SandboxConnection {
@@ -231,6 +269,8 @@ impl SandboxConnection {
                 let run_deps = self.deps.run_deps.clone();
                 let secret = std::mem::take(&mut self.token);
                 let conn_id = self.id;
+                let answered_before: HashSet<String> =
+                    answered_calls.iter().map(|a| a.call_id.clone()).collect();
                 let recipient = ctx.address().recipient();
                 ctx.wait(
                     async move {
@@ -249,7 +289,7 @@ impl SandboxConnection {
                                 }
                             },
                         };
-                        let mailbox = run.send(ShimHello {
+                        let attachment = run.send(ShimHello {
                             conn_id,
                             conn: recipient,
                             host,
@@ -265,17 +305,19 @@ impl SandboxConnection {
                                 message: format!("run {run_id} is moving between replicas"),
                             })
                         })??;
-                        Ok::<_, TokenError>((run, mailbox))
+                        Ok::<_, TokenError>((run, attachment))
                     }
                     .into_actor(self)
                     .map(move |res, act, ctx| match res {
-                        Ok((run, mailbox)) => {
+                        Ok((run, Attachment { mailbox, last_seq, span })) => {
                             // The shim could send nothing while it waited for its welcome.
                             act.last_seen = Instant::now();
                             act.stage = Stage::Attached {
                                 run_id,
                                 run,
                                 mailbox,
+                                gate: AnswerGate::new(last_seq, answered_before),
+                                span,
                             };
                         }
                         Err(TokenError::Store(err)) => {
@@ -302,11 +344,19 @@ impl SandboxConnection {
                 self.reject("duplicate_hello", "hello was already received".into(), ctx)
             }
             (Stage::Attached { .. }, ShimMessage::Heartbeat { .. }) => {}
-            (Stage::Attached { run, mailbox, .. }, message) => {
+            (Stage::Attached { .. }, message) => {
+                let answered = self.answer_now(&message);
+                if let Some(answered) = &answered {
+                    self.send(&answered.message, ctx);
+                }
+                let Stage::Attached { run, mailbox, .. } = &self.stage else {
+                    return;
+                };
                 let frame = ShimFrame {
                     conn_id: self.id,
                     message,
                     queued: Some(mailbox.enter()),
+                    answered,
                 };
                 if let Err(err) = run.try_send(frame) {
                     // Not acked, so the shim resends it after reconnecting.
@@ -315,6 +365,48 @@ impl SandboxConnection {
                 }
             }
         }
+    }
+}
+
+impl SandboxConnection {
+    /// Answers a tool call on receipt when the gate lets it through and the tools can answer
+    /// without waiting (`ToolHost::call_now`): the agent's answer then skips the trip through
+    /// the run actor, which records the call and its answer afterwards.
+    fn answer_now(&mut self, message: &ShimMessage) -> Option<Box<AnsweredHere>> {
+        let Stage::Attached {
+            run_id, gate, span, ..
+        } = &mut self.stage
+        else {
+            return None;
+        };
+        if !gate.admit(message) {
+            return None;
+        }
+        let ShimMessage::ToolCall {
+            call_id,
+            tool,
+            args,
+            ..
+        } = message
+        else {
+            return None;
+        };
+        let started = Instant::now();
+        let result = self.deps.run_deps.tools.call_now(*run_id, tool, args)?;
+        let took = started.elapsed();
+        // Opened once there is an answer, so a call left to the run actor has one span only;
+        // it starts the few microseconds of the read late (the metric has the exact time).
+        let call_span = tool_call_span(span, tool, call_id, args);
+        Some(Box::new(AnsweredHere {
+            message: ServerMessage::ToolResult {
+                call_id: call_id.clone(),
+                ok: true,
+                result: Some(result),
+                error: None,
+            },
+            took,
+            span: call_span,
+        }))
     }
 }
 
@@ -433,5 +525,47 @@ async fn write_frames(mut session: Session, mut rx: mpsc::Receiver<Outbound>) {
     // The actor stopped without closing: close normally.
     if session.close(None).await.is_err() {
         tracing::debug!("socket already closed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_shim::protocol::LogStream;
+    use serde_json::json;
+
+    fn call(seq: u64, id: &str) -> ShimMessage {
+        ShimMessage::ToolCall {
+            seq,
+            call_id: id.into(),
+            tool: "fs.read_file".into(),
+            args: json!({"path": "README.md"}),
+        }
+    }
+
+    #[test]
+    fn only_calls_new_to_the_run_may_be_answered_by_the_connection() {
+        let mut gate = AnswerGate::new(3, HashSet::from(["told".to_string()]));
+        // Resends of what the run took already.
+        assert!(!gate.admit(&call(2, "a")));
+        assert!(!gate.admit(&call(3, "b")));
+        // The next frame, a call: yes.
+        assert!(gate.admit(&call(4, "c")));
+        // A log line moves the sequence on but is no call.
+        assert!(!gate.admit(&ShimMessage::Log {
+            seq: 5,
+            stream: LogStream::Stdout,
+            line: "x".into()
+        }));
+        // A call the shim has an answer to from before (its hello said so).
+        assert!(!gate.admit(&call(6, "told")));
+        // Unsequenced frames change nothing; a gap is left to the run actor, and so is all after.
+        assert!(!gate.admit(&ShimMessage::Heartbeat { at_ms: 1 }));
+        assert!(gate.admit(&call(7, "d")));
+        assert!(!gate.admit(&call(9, "e")));
+        assert!(!gate.admit(&call(10, "f")));
+        // The same seq twice (a resend on this connection): only the first.
+        assert!(gate.admit(&call(8, "g")));
+        assert!(!gate.admit(&call(8, "g")));
     }
 }

@@ -142,20 +142,13 @@ impl ToolHost for WorkspaceTools {
         tracing::debug!(run_id = %run_id, tool, "tool call");
         match tool {
             READ_FILE => {
+                if let Some(result) = self.call_now(run_id, READ_FILE, &args) {
+                    return Ok(result);
+                }
                 let mut args = Args::new(READ_FILE, args, &["path"])?;
                 let path = non_empty_path(&mut args)?;
-                let cached = self
-                    .inner
-                    .root_dir
-                    .as_ref()
-                    .and_then(|root| cached::read_file(root, &self.inner.limits, &path));
-                match cached {
-                    Some(result) => Ok(result),
-                    None => {
-                        self.blocking(move |root, limits| fs::read_file(root, limits, &path))
-                            .await
-                    }
-                }
+                self.blocking(move |root, limits| fs::read_file(root, limits, &path))
+                    .await
             }
             WRITE_FILE => {
                 let mut args = Args::new(WRITE_FILE, args, &["path", "content"])?;
@@ -189,6 +182,20 @@ impl ToolHost for WorkspaceTools {
                 format!("unknown tool `{other}` (available: {})", TOOLS.join(", ")),
             )),
         }
+    }
+
+    fn call_now(&self, _run_id: RunId, tool: &str, args: &Value) -> Option<Value> {
+        // Only a well-formed `fs.read_file` (one non-empty string `path`); anything else, errors
+        // included, takes `call`, which words them.
+        if tool != READ_FILE {
+            return None;
+        }
+        let fields = args.as_object().filter(|fields| fields.len() == 1)?;
+        let path = fields
+            .get("path")?
+            .as_str()
+            .filter(|path| !path.is_empty())?;
+        cached::read_file(self.inner.root_dir.as_ref()?, &self.inner.limits, path)
     }
 
     fn tools(&self) -> Vec<&'static str> {

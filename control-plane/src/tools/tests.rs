@@ -509,3 +509,33 @@ async fn symlinks_inside_the_workspace_work() {
         "y"
     );
 }
+
+#[tokio::test]
+async fn call_now_answers_what_call_answers_or_leaves_the_call() {
+    let f = fixture();
+    let now = |tool: &str, args: Value| f.tools.call_now(Uuid::nil(), tool, &args);
+    // Warm the page cache so the read cannot wait.
+    f.ok(READ_FILE, json!({"path": "README.md"})).await;
+    for path in ["README.md", "./src/nested/../lib.rs"] {
+        let args = json!({ "path": path });
+        assert_eq!(
+            now(READ_FILE, args.clone()),
+            Some(f.ok(READ_FILE, args).await),
+            "{path}"
+        );
+    }
+    // Errors, other tools and malformed arguments are left to `call`, which words them.
+    for (tool, args) in [
+        (READ_FILE, json!({"path": "nope.txt"})),
+        (READ_FILE, json!({"path": "src"})),
+        (READ_FILE, json!({"path": "../outside/secret.txt"})),
+        (READ_FILE, json!({"path": ""})),
+        (READ_FILE, json!({"path": 7})),
+        (READ_FILE, json!({"path": "README.md", "paht": "b"})),
+        (READ_FILE, json!(["README.md"])),
+        (LIST_DIR, json!({"path": "."})),
+        ("fs.unknown", json!({"path": "README.md"})),
+    ] {
+        assert_eq!(now(tool, args.clone()), None, "{tool} {args}");
+    }
+}
