@@ -310,6 +310,18 @@ impl Api {
         Ok(record)
     }
 
+    /// Reads the run's record every `every` until the run has ended, then returns it: waiting
+    /// for the end without following the events, so no watcher is woken by each of them.
+    pub async fn poll_end(&self, id: &str, every: std::time::Duration) -> anyhow::Result<RunRecord> {
+        loop {
+            let record = self.get(id).await?;
+            if record.state.is_terminal() {
+                return Ok(record);
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
     /// `GET /v1/runs/{id}/events`: the run's history so far (not following).
     pub async fn events(&self, id: &str) -> anyhow::Result<Vec<RunEvent>> {
         let res = self

@@ -37,10 +37,18 @@ pub struct ToolcallArgs {
     /// Leave out the simulated-shim variant.
     #[arg(long)]
     no_sim_shim: bool,
+    /// Follow the full-path run's events while it runs (as `codebolt agent start` does) instead
+    /// of reading its record every 50 ms until it ends. The follower is this process, on the
+    /// server's cores, woken for each call's two events.
+    #[arg(long)]
+    follow_events: bool,
     /// The agent-shim binary; by default the one next to this binary.
     #[arg(long)]
     shim: Option<PathBuf>,
 }
+
+/// How often the full path's run record is read while nobody follows its events.
+const FULL_PATH_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 pub(crate) const TOOL: &str = "fs.read_file";
 pub(crate) const PATH: &str = "README.md";
@@ -185,7 +193,11 @@ pub async fn run(args: ToolcallArgs) -> anyhow::Result<()> {
     }
 
     let created = api.create(fixture::run_request("toolcall", None)).await?;
-    let record = api.wait_end(&created.id.to_string()).await?;
+    let record = if args.follow_events {
+        api.wait_end(&created.id.to_string()).await?
+    } else {
+        api.poll_end(&created.id.to_string(), FULL_PATH_POLL).await?
+    };
     if record.state != RunState::Succeeded {
         bail!(
             "the toolcall agent's run ended {}: {:?}",
@@ -223,7 +235,11 @@ pub async fn run(args: ToolcallArgs) -> anyhow::Result<()> {
         ),
     });
     rows.push(Row {
-        label: "agent → shim → server → shim → agent",
+        label: if args.follow_events {
+            "agent → shim → server → shim → agent (events followed)"
+        } else {
+            "agent → shim → server → shim → agent"
+        },
         latency: report.latency,
         per_s: report.calls_per_s,
         frames: format!(
