@@ -5,7 +5,7 @@
 pub mod messages;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +13,8 @@ use actix::prelude::*;
 use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, Session};
 use agent_shim::protocol::{ServerMessage, ShimMessage, CLOSE_POLICY_VIOLATION, MAX_FRAME_BYTES};
 use bytes::Bytes;
+use bytestring::ByteString;
+use futures_util::FutureExt;
 use tokio::sync::mpsc;
 
 use crate::metrics::{QueueCounter, QueueKind};
@@ -37,7 +39,7 @@ pub const ACK_DELAY: Duration = Duration::from_millis(5);
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
 enum Outbound {
-    Text(String),
+    Text(ByteString),
     Pong(Bytes),
     Close(u16, String),
 }
@@ -107,7 +109,13 @@ pub struct SandboxConnection {
     /// The bearer token the shim presented. Never logged.
     token: String,
     deps: ConnectionDeps,
+    /// The socket's frame queue, written straight to while the writer task holds nothing.
+    session: Session,
+    /// Frames handed to the writer task: the ones that found the socket's queue full, and
+    /// everything after them until they are through (order is kept).
     out: mpsc::Sender<Outbound>,
+    /// How many frames the writer task holds.
+    backlog: Arc<AtomicUsize>,
     stage: Stage,
     last_seen: Instant,
     closing: bool,
@@ -130,7 +138,8 @@ impl SandboxConnection {
             .metrics
             .queue(QueueKind::ConnectionOutbound)
             .channel(&out);
-        actix_rt::spawn(write_frames(session, rx));
+        let backlog = Arc::new(AtomicUsize::new(0));
+        actix_rt::spawn(write_frames(session.clone(), rx, backlog.clone()));
         let stream: AggregatedMessageStream = stream
             .max_frame_size(MAX_FRAME_BYTES)
             .aggregate_continuations()
@@ -141,7 +150,9 @@ impl SandboxConnection {
                 id: NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed),
                 token,
                 deps,
+                session,
                 out,
+                backlog,
                 stage: Stage::AwaitingHello,
                 last_seen: Instant::now(),
                 closing: false,
@@ -160,7 +171,27 @@ impl SandboxConnection {
         if !matches!(frame, Outbound::Pong(_)) {
             self.flush_ack(ctx);
         }
+        // Straight into the socket's queue when nothing waits before it: the frame is out of
+        // this actor's hands before any message it sends next is handled.
+        if self.backlog.load(Ordering::Relaxed) == 0 {
+            let put = match &frame {
+                Outbound::Text(text) => self.session.text(text.clone()).now_or_never(),
+                Outbound::Pong(bytes) => self.session.pong(bytes).now_or_never(),
+                Outbound::Close(..) => None,
+            };
+            match put {
+                Some(Ok(())) => return,
+                Some(Err(actix_ws::Closed)) => {
+                    self.closing = true;
+                    ctx.stop();
+                    return;
+                }
+                // The socket's queue is full (or the task's budget spent): the writer waits.
+                None => {}
+            }
+        }
         let closing = matches!(frame, Outbound::Close(..));
+        self.backlog.fetch_add(1, Ordering::Relaxed);
         match self.out.try_send(frame) {
             Ok(()) => {
                 if closing {
@@ -169,11 +200,13 @@ impl SandboxConnection {
                 }
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
+                self.backlog.fetch_sub(1, Ordering::Relaxed);
                 tracing::warn!(conn = self.id, "shim is not reading; disconnecting it");
                 self.closing = true;
                 ctx.stop();
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.backlog.fetch_sub(1, Ordering::Relaxed);
                 self.closing = true;
                 ctx.stop();
             }
@@ -182,7 +215,7 @@ impl SandboxConnection {
 
     fn send(&mut self, message: &ServerMessage, ctx: &mut Context<Self>) {
         match serde_json::to_string(message) {
-            Ok(text) => self.queue(Outbound::Text(text), ctx),
+            Ok(text) => self.queue(Outbound::Text(text.into()), ctx),
             Err(err) => tracing::error!(conn = self.id, error = %err, "could not encode a frame"),
         }
     }
@@ -500,8 +533,13 @@ impl Handler<ToShim> for SandboxConnection {
     }
 }
 
-/// Writes queued frames to the socket; a close frame ends the session.
-async fn write_frames(mut session: Session, mut rx: mpsc::Receiver<Outbound>) {
+/// Writes the frames the actor could not put straight into the socket's queue, counting each
+/// off `backlog` once it is there; a close frame ends the session.
+async fn write_frames(
+    mut session: Session,
+    mut rx: mpsc::Receiver<Outbound>,
+    backlog: Arc<AtomicUsize>,
+) {
     while let Some(frame) = rx.recv().await {
         let sent = match frame {
             Outbound::Text(text) => session.text(text).await,
@@ -517,6 +555,7 @@ async fn write_frames(mut session: Session, mut rx: mpsc::Receiver<Outbound>) {
                 return;
             }
         };
+        backlog.fetch_sub(1, Ordering::Relaxed);
         if sent.is_err() {
             tracing::debug!("socket closed while writing");
             return;
