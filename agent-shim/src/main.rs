@@ -12,6 +12,11 @@ use std::process::ExitCode;
 
 use agent_shim::shim::{self, config::Config, ShimExit, EXIT_CONFIG};
 
+/// Every relayed line is parsed and encoded into strings of about a result's size; mimalloc
+/// serves those from per-size pages where glibc's malloc takes its slower paths above 1 KiB.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let vars: HashMap<String, String> = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))

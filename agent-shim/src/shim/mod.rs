@@ -428,6 +428,7 @@ impl Shim {
         };
         self.last_heard = Instant::now();
         match message {
+            Message::Text(text) if self.answer_passed_through(&text) => {}
             Message::Text(text) => match serde_json::from_str::<ServerMessage>(&text) {
                 Ok(msg) => self.on_server_message(msg).await,
                 Err(e) => {
@@ -492,6 +493,23 @@ impl Shim {
                 tracing::warn!("ignoring a second welcome on the same connection");
             }
         }
+    }
+
+    /// A `tool_result` frame goes to the agent with its result's text as the server sent it
+    /// (see [`relay::tool_result_passthrough`]); false for any other frame.
+    fn answer_passed_through(&mut self, frame: &str) -> bool {
+        let Some((call_id, ok, error, line)) = relay::tool_result_passthrough(frame) else {
+            return false;
+        };
+        let failure = error.map(|e| e.code);
+        if !self.pending.answer(&call_id, ok, failure.clone()) {
+            tracing::warn!(%call_id, "ignoring a result for a tool call that is not pending");
+            return true;
+        }
+        self.send_line_to_agent(line);
+        self.spans
+            .call_answered(&call_id, failure.as_deref().or((!ok).then_some("failed")));
+        true
     }
 
     fn on_ack(&mut self, seq: u64) {
@@ -751,17 +769,20 @@ impl Shim {
     }
 
     fn send_to_agent(&mut self, line: &ToAgent) {
+        match serde_json::to_string(line) {
+            Ok(text) => self.send_line_to_agent(text),
+            Err(e) => tracing::error!(error = %e, "cannot encode a line for the agent"),
+        }
+    }
+
+    /// Queues an encoded line (without its newline) for the agent's stdin.
+    fn send_line_to_agent(&mut self, line: String) {
         let AgentState::Running { process, .. } = &self.agent else {
             tracing::debug!("the agent is gone; dropping a line for its stdin");
             return;
         };
-        match serde_json::to_string(line) {
-            Ok(text) => {
-                if !process.send_line(text) {
-                    tracing::warn!("the agent's stdin is closed; dropping a line");
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "cannot encode a line for the agent"),
+        if !process.send_line(line) {
+            tracing::warn!("the agent's stdin is closed; dropping a line");
         }
     }
 

@@ -78,6 +78,61 @@ pub fn tool_result_line(msg: ServerMessage) -> Option<(String, String)> {
     }
 }
 
+/// A `tool_result` frame, its result left as the server's text.
+#[derive(serde::Deserialize)]
+struct ResultFrame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    call_id: String,
+    ok: bool,
+    #[serde(default, borrow)]
+    result: Option<&'a serde_json::value::RawValue>,
+    #[serde(default)]
+    error: Option<crate::protocol::ToolError>,
+}
+
+/// A server frame that is a `tool_result`, turned into the agent's line (without the newline)
+/// with the result's JSON text carried over as it is instead of parsed and encoded again:
+/// `(call_id, ok, error, line)`. `None` for any other frame, and for a result whose text spans
+/// lines; those go the way of every frame ([`tool_result_line`]).
+pub fn tool_result_passthrough(
+    frame: &str,
+) -> Option<(String, bool, Option<crate::protocol::ToolError>, String)> {
+    let parsed: ResultFrame<'_> = serde_json::from_str(frame).ok()?;
+    if parsed.kind != "tool_result" {
+        return None;
+    }
+    let result = parsed.result.map(|raw| raw.get());
+    if result.is_some_and(|raw| raw.contains(['\n', '\r'])) {
+        return None;
+    }
+    let id = serde_json::to_string(&parsed.call_id).ok()?;
+    let error = match &parsed.error {
+        Some(error) => Some(serde_json::to_string(error).ok()?),
+        None => None,
+    };
+    let mut line = String::with_capacity(
+        48 + id.len() + result.map_or(0, str::len) + error.as_ref().map_or(0, String::len),
+    );
+    line.push_str(r#"{"type":"tool_result","id":"#);
+    line.push_str(&id);
+    line.push_str(if parsed.ok {
+        r#","ok":true"#
+    } else {
+        r#","ok":false"#
+    });
+    if let Some(result) = result {
+        line.push_str(r#","result":"#);
+        line.push_str(result);
+    }
+    if let Some(error) = &error {
+        line.push_str(r#","error":"#);
+        line.push_str(error);
+    }
+    line.push('}');
+    Some((parsed.call_id, parsed.ok, parsed.error, line))
+}
+
 /// A message that cannot be made to fit in one frame.
 #[derive(Debug, thiserror::Error)]
 #[error("{what} of {bytes} bytes exceeds the {MAX_FRAME_BYTES}-byte frame limit")]
@@ -158,6 +213,7 @@ fn floor_char_boundary(s: &str, mut index: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::ToolError;
     use serde_json::json;
 
     #[test]
@@ -240,6 +296,71 @@ mod tests {
         };
         let text = encode_within(msg, 500).unwrap();
         assert!(text.contains("dropped"), "{text}");
+    }
+
+    #[test]
+    fn tool_results_pass_through_as_the_lines_parsing_would_give() {
+        let results = [
+            ServerMessage::ToolResult {
+                call_id: "c1".into(),
+                ok: true,
+                result: Some(
+                    json!({"content": "line \"one\"\n\ttwo é \u{2028} \u{1}", "n": [1, 2.5, -3e-7, null, true], "z": {}}),
+                ),
+                error: None,
+            },
+            ServerMessage::ToolResult {
+                call_id: "c\"2\u{0}".into(),
+                ok: false,
+                result: None,
+                error: Some(ToolError {
+                    code: "not_found".into(),
+                    message: "`a\nb` does not exist".into(),
+                }),
+            },
+            ServerMessage::ToolResult {
+                call_id: "c3".into(),
+                ok: true,
+                result: Some(json!("just a string")),
+                error: None,
+            },
+        ];
+        for message in results {
+            let frame = serde_json::to_string(&message).unwrap();
+            let (id, parsed_line) = tool_result_line(message.clone()).unwrap();
+            let (call_id, ok, error, line) = tool_result_passthrough(&frame).unwrap();
+            assert_eq!(line, parsed_line, "{frame}");
+            assert_eq!(call_id, id);
+            let ServerMessage::ToolResult {
+                ok: want_ok,
+                error: want_error,
+                ..
+            } = message
+            else {
+                unreachable!()
+            };
+            assert_eq!((ok, error), (want_ok, want_error));
+        }
+        // A result of null is no result, as when parsed.
+        let (_, _, _, line) = tool_result_passthrough(
+            r#"{"type":"tool_result","call_id":"c","ok":true,"result":null}"#,
+        )
+        .unwrap();
+        assert_eq!(line, r#"{"type":"tool_result","id":"c","ok":true}"#);
+    }
+
+    #[test]
+    fn other_frames_and_results_spanning_lines_are_not_passed_through() {
+        for frame in [
+            r#"{"type":"ack","seq":3}"#,
+            r#"{"type":"stop","grace_s":3}"#,
+            r#"{"type":"tool_results","call_id":"c","ok":true}"#,
+            r#"{"type":"tool_result","ok":true}"#,
+            "{\"type\":\"tool_result\",\"call_id\":\"c\",\"ok\":true,\"result\":{\n\"a\": 1}}",
+            "not json",
+        ] {
+            assert!(tool_result_passthrough(frame).is_none(), "{frame}");
+        }
     }
 
     #[test]
