@@ -312,7 +312,11 @@ impl Api {
 
     /// Reads the run's record every `every` until the run has ended, then returns it: waiting
     /// for the end without following the events, so no watcher is woken by each of them.
-    pub async fn poll_end(&self, id: &str, every: std::time::Duration) -> anyhow::Result<RunRecord> {
+    pub async fn poll_end(
+        &self,
+        id: &str,
+        every: std::time::Duration,
+    ) -> anyhow::Result<RunRecord> {
         loop {
             let record = self.get(id).await?;
             if record.state.is_terminal() {

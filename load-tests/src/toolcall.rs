@@ -196,7 +196,8 @@ pub async fn run(args: ToolcallArgs) -> anyhow::Result<()> {
     let record = if args.follow_events {
         api.wait_end(&created.id.to_string()).await?
     } else {
-        api.poll_end(&created.id.to_string(), FULL_PATH_POLL).await?
+        api.poll_end(&created.id.to_string(), FULL_PATH_POLL)
+            .await?
     };
     if record.state != RunState::Succeeded {
         bail!(
