@@ -97,6 +97,28 @@ struct ScriptedTools;
 /// Every tool call executed, by run: (run id, tool, args).
 static EXECUTED: Mutex<Vec<(Uuid, String, Value)>> = Mutex::new(Vec::new());
 
+/// The arguments of the calls executed for run `id`, in order.
+fn executed_args(id: Uuid) -> Vec<Value> {
+    EXECUTED
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(run, _, _)| *run == id)
+        .map(|(_, _, args)| args.clone())
+        .collect()
+}
+
+/// The call ids of the tool results among the frames sent to a shim.
+fn answered_ids(frames: &[ToShim]) -> Vec<&str> {
+    frames
+        .iter()
+        .filter_map(|m| match m {
+            ToShim::Frame(ServerMessage::ToolResult { call_id, .. }) => Some(call_id.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
 #[async_trait]
 impl ToolHost for ScriptedTools {
     async fn call(&self, run: Uuid, tool: &str, args: Value) -> Result<Value, ToolFailure> {
@@ -203,6 +225,44 @@ fn harness(mode: SpawnMode) -> Harness {
 }
 
 impl Harness {
+    /// What `pick` takes from the run's stored events, in order.
+    async fn events<T>(
+        &self,
+        id: Uuid,
+        pick: impl Fn(::actors::model::EventKind) -> Option<T>,
+    ) -> Vec<T> {
+        use futures_util::StreamExt;
+        let events: Vec<_> = self
+            .store
+            .events(id, 0, false)
+            .await
+            .unwrap()
+            .collect()
+            .await;
+        events
+            .into_iter()
+            .filter_map(|e| pick(e.unwrap().kind))
+            .collect()
+    }
+
+    /// [`Harness::events`] once there are `want` (or after five seconds of the paused clock).
+    async fn wait_events<T>(
+        &self,
+        id: Uuid,
+        want: usize,
+        pick: impl Fn(::actors::model::EventKind) -> Option<T>,
+    ) -> Vec<T> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let events = self.events(id, &pick).await;
+            if events.len() >= want || tries > 250 {
+                return events;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn launch(&self, timeout_s: Option<u64>) -> (Uuid, Addr<RunActor>) {
         let id = Uuid::new_v4();
         let now = chrono::Utc::now();
@@ -468,34 +528,17 @@ async fn a_call_the_shim_already_has_an_answer_to_is_recorded_not_executed_again
         .await
         .unwrap();
     }
-    let mut tries = 0;
-    let results = loop {
-        tries += 1;
-        let results: Vec<(String, bool, Option<String>)> = {
-            use futures_util::StreamExt;
-            h.store
-                .events(id, 0, false)
-                .await
-                .unwrap()
-                .filter_map(|e| async move {
-                    match e.unwrap().kind {
-                        ::actors::model::EventKind::ToolResult {
-                            call_id,
-                            ok,
-                            error_code,
-                            ..
-                        } => Some((call_id, ok, error_code)),
-                        _ => None,
-                    }
-                })
-                .collect()
-                .await
-        };
-        if results.len() == 2 || tries > 250 {
-            break results;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let results = h
+        .wait_events(id, 2, |kind| match kind {
+            ::actors::model::EventKind::ToolResult {
+                call_id,
+                ok,
+                error_code,
+                ..
+            } => Some((call_id, ok, error_code)),
+            _ => None,
+        })
+        .await;
     assert!(
         results.contains(&("c1".into(), false, Some("not_found".into()))),
         "c1 recorded as the shim reported it: {results:?}"
@@ -504,22 +547,10 @@ async fn a_call_the_shim_already_has_an_answer_to_is_recorded_not_executed_again
         results.iter().any(|(c, ok, _)| c == "c2" && *ok),
         "{results:?}"
     );
-    let executed: Vec<Value> = EXECUTED
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(run, _, _)| *run == id)
-        .map(|(_, _, args)| args.clone())
-        .collect();
+    let executed = executed_args(id);
     assert_eq!(executed, vec![json!({"call": "c2"})], "only c2 executed");
     let frames = inbox.lock().unwrap();
-    let answered: Vec<&str> = frames
-        .iter()
-        .filter_map(|m| match m {
-            ToShim::Frame(ServerMessage::ToolResult { call_id, .. }) => Some(call_id.as_str()),
-            _ => None,
-        })
-        .collect();
+    let answered = answered_ids(&frames);
     assert_eq!(answered, ["c2"], "no second answer to c1");
     assert!(frames
         .iter()
@@ -563,37 +594,16 @@ async fn a_call_the_connection_answered_is_recorded_not_executed_or_answered_aga
         .await
         .unwrap();
     }
-    let mut tries = 0;
-    let events = loop {
-        tries += 1;
-        let events: Vec<(String, String, bool)> = {
-            use futures_util::StreamExt;
-            h.store
-                .events(id, 0, false)
-                .await
-                .unwrap()
-                .filter_map(|e| async move {
-                    match e.unwrap().kind {
-                        ::actors::model::EventKind::ToolCall { call_id, .. } => {
-                            Some(("call".into(), call_id, true))
-                        }
-                        ::actors::model::EventKind::ToolResult { call_id, ok, .. } => {
-                            Some(("result".into(), call_id, ok))
-                        }
-                        _ => None,
-                    }
-                })
-                .collect()
-                .await
-        };
-        if events.len() >= 5 || tries > 250 {
-            break events;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let events = h
+        .wait_events(id, 5, |kind| match kind {
+            ::actors::model::EventKind::ToolCall { call_id, .. } => Some(("call", call_id)),
+            ::actors::model::EventKind::ToolResult { call_id, .. } => Some(("result", call_id)),
+            _ => None,
+        })
+        .await;
     let pairs: Vec<(&str, &str)> = events
         .iter()
-        .map(|(what, call, _)| (what.as_str(), call.as_str()))
+        .map(|(what, call)| (*what, call.as_str()))
         .collect();
     assert_eq!(
         pairs,
@@ -606,22 +616,10 @@ async fn a_call_the_connection_answered_is_recorded_not_executed_or_answered_aga
         ],
         "c1 recorded once with its answer, the reused id only as a call: {events:?}"
     );
-    let executed: Vec<Value> = EXECUTED
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(run, _, _)| *run == id)
-        .map(|(_, _, args)| args.clone())
-        .collect();
+    let executed = executed_args(id);
     assert_eq!(executed, vec![json!({"call": "c2"})], "only c2 executed");
     let frames = inbox.lock().unwrap();
-    let answered: Vec<&str> = frames
-        .iter()
-        .filter_map(|m| match m {
-            ToShim::Frame(ServerMessage::ToolResult { call_id, .. }) => Some(call_id.as_str()),
-            _ => None,
-        })
-        .collect();
+    let answered = answered_ids(&frames);
     assert_eq!(
         answered,
         ["c2"],
@@ -748,21 +746,12 @@ async fn a_resumed_shim_resends_and_duplicates_are_dropped() {
         .unwrap();
     }
     tokio::time::sleep(Duration::from_millis(10)).await;
-    let texts: Vec<String> = {
-        use futures_util::StreamExt;
-        h.store
-            .events(id, 0, false)
-            .await
-            .unwrap()
-            .filter_map(|e| async move {
-                match e.unwrap().kind {
-                    ::actors::model::EventKind::AgentMessage { text } => Some(text),
-                    _ => None,
-                }
-            })
-            .collect()
-            .await
-    };
+    let texts = h
+        .events(id, |kind| match kind {
+            ::actors::model::EventKind::AgentMessage { text } => Some(text),
+            _ => None,
+        })
+        .await;
     assert_eq!(texts, vec!["m1", "m2", "m3", "m4"]);
     run.send(::actors::run::messages::KillRun {
         reason: "done".into(),
