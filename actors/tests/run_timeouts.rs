@@ -344,6 +344,30 @@ impl Harness {
     }
 }
 
+/// A `tool_call` frame with args `{"call": call}` on connection 1; `answered`: the connection's
+/// answer to it.
+async fn send_call(
+    run: &Addr<RunActor>,
+    seq: u64,
+    call: &str,
+    tool: &str,
+    answered: Option<Box<::actors::run::messages::AnsweredHere>>,
+) {
+    run.send(ShimFrame {
+        conn_id: 1,
+        queued: None,
+        answered,
+        message: ShimMessage::ToolCall {
+            seq,
+            call_id: call.into(),
+            tool: tool.into(),
+            args: json!({ "call": call }),
+        },
+    })
+    .await
+    .unwrap();
+}
+
 async fn connect(run: &Addr<RunActor>, conn_id: u64) -> Arc<Mutex<Vec<ToShim>>> {
     connect_resuming(run, conn_id, None, vec![], vec![]).await
 }
@@ -514,19 +538,7 @@ async fn a_call_the_shim_already_has_an_answer_to_is_recorded_not_executed_again
     )
     .await;
     for (seq, call) in [(1, "c1"), (2, "c2")] {
-        run.send(ShimFrame {
-            conn_id: 1,
-            queued: None,
-            answered: None,
-            message: ShimMessage::ToolCall {
-                seq,
-                call_id: call.into(),
-                tool: "echo".into(),
-                args: json!({ "call": call }),
-            },
-        })
-        .await
-        .unwrap();
+        send_call(&run, seq, call, "echo", None).await;
     }
     let results = h
         .wait_events(id, 2, |kind| match kind {
@@ -580,19 +592,8 @@ async fn a_call_the_connection_answered_is_recorded_not_executed_or_answered_aga
     };
     // c1 answered by the connection; c1 again (the agent reused the id) likewise; c2 not.
     for (seq, call, answer) in [(1, "c1", true), (2, "c1", true), (3, "c2", false)] {
-        run.send(ShimFrame {
-            conn_id: 1,
-            queued: None,
-            answered: if answer { answered(call) } else { None },
-            message: ShimMessage::ToolCall {
-                seq,
-                call_id: call.into(),
-                tool: "echo".into(),
-                args: json!({ "call": call }),
-            },
-        })
-        .await
-        .unwrap();
+        let answered = if answer { answered(call) } else { None };
+        send_call(&run, seq, call, "echo", answered).await;
     }
     let events = h
         .wait_events(id, 5, |kind| match kind {
@@ -638,19 +639,7 @@ async fn a_tool_call_timeout_answers_the_agent_and_the_run_goes_on() {
     h.advance_until(id, RunState::Starting, Duration::from_secs(1))
         .await;
     let inbox = connect(&run, 1).await;
-    run.send(ShimFrame {
-        conn_id: 1,
-        queued: None,
-        answered: None,
-        message: ShimMessage::ToolCall {
-            seq: 1,
-            call_id: "c1".into(),
-            tool: "slow".into(),
-            args: json!({}),
-        },
-    })
-    .await
-    .unwrap();
+    send_call(&run, 1, "c1", "slow", None).await;
     tokio::time::sleep(Duration::from_secs(31)).await;
     let answered = inbox.lock().unwrap().iter().find_map(|m| match m {
         ToShim::Frame(ServerMessage::ToolResult {
