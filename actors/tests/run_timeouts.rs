@@ -632,6 +632,72 @@ async fn a_call_the_connection_answered_is_recorded_not_executed_or_answered_aga
 }
 
 #[actix_rt::test]
+async fn an_adopted_run_whose_sandbox_handle_is_stored_late_names_it() {
+    tokio::time::pause();
+    let h = harness(SpawnMode::Hang);
+    let (id, _run) = h.launch(None).await;
+    h.advance_until(id, RunState::Provisioning, Duration::from_secs(1))
+        .await;
+    // The API stores the spec an adopter needs; this harness starts the actor directly.
+    let spec = ::actors::run::StoredSpec {
+        image: None,
+        bundle: BundleInfo {
+            url: "http://127.0.0.1:1/bundle".into(),
+            sha256: "0".repeat(64),
+            size: 0,
+            command: "true".into(),
+        },
+        env: BTreeMap::new(),
+        traceparent: format!("00-{}-{}-01", "0".repeat(32), "0".repeat(16)),
+    };
+    h.store
+        .put_blob(
+            &::actors::run::StoredSpec::blob_key(id),
+            &serde_json::to_vec(&spec).unwrap(),
+        )
+        .await
+        .unwrap();
+    // Another replica takes the run over (its shim called back there) while this one's spawn
+    // call has not returned: no handle is stored yet.
+    let other = RunDeps {
+        registry: RunRegistry::default(),
+        settings: Arc::new(RunSettings {
+            replica_id: "other-replica".into(),
+            ..(*h.deps.settings).clone()
+        }),
+        ..h.deps.clone()
+    };
+    ::actors::run::adopt(id, &other, ::actors::store::Claim::Takeover)
+        .await
+        .unwrap()
+        .expect("the run is adopted");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(h.state(id).await.sandbox_id, None);
+    // The spawning replica stores the handle once its spawn call returns.
+    let handle = SandboxHandle {
+        id: "sandbox-7".into(),
+        remote_host: "host-7".into(),
+    };
+    h.store
+        .put_blob(
+            &::actors::run::sandbox_blob_key(id),
+            &serde_json::to_vec(&handle).unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut record = h.state(id).await;
+    for _ in 0..40 {
+        if record.sandbox_id.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        record = h.state(id).await;
+    }
+    assert_eq!(record.sandbox_id.as_deref(), Some("sandbox-7"));
+    assert_eq!(record.remote_host.as_deref(), Some("host-7"));
+}
+
+#[actix_rt::test]
 async fn a_tool_call_timeout_answers_the_agent_and_the_run_goes_on() {
     tokio::time::pause();
     let h = harness(SpawnMode::Succeed);

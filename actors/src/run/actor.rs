@@ -1199,6 +1199,54 @@ impl RunActor {
         });
     }
 
+    /// An adopted run whose sandbox no store entry named yet: its shim called back here before
+    /// the replica that spawned it had stored the sandbox's handle. Looks for the handle again
+    /// (`tries` more times, [`SANDBOX_LOOKUP_EVERY`] apart) and names it in the record once found.
+    fn look_for_sandbox(&mut self, tries: u32, ctx: &mut Context<Self>) {
+        if self.sandbox.is_some() || self.phase.state.is_terminal() {
+            return;
+        }
+        if tries == 0 {
+            tracing::warn!(run_id = %self.id, trace_id = %self.record.trace_id, "the adopted run's sandbox handle was never stored; it stays unnamed in the record");
+            return;
+        }
+        let store = self.deps.store.clone();
+        let key = sandbox_blob_key(self.id);
+        ctx.spawn(
+            async move { store.get_blob(&key).await }
+                .into_actor(self)
+                .map(move |res, act, ctx| {
+                    let found = match res {
+                        Ok(Some(bytes)) => serde_json::from_slice::<SandboxHandle>(&bytes)
+                            .map_err(|err| {
+                                tracing::warn!(run_id = %act.id, trace_id = %act.record.trace_id, error = %err, "stored sandbox handle unreadable");
+                            })
+                            .ok(),
+                        Ok(None) => None,
+                        Err(err) => {
+                            tracing::debug!(run_id = %act.id, trace_id = %act.record.trace_id, error = %err, "could not look up the sandbox handle");
+                            None
+                        }
+                    };
+                    match found {
+                        Some(handle) if act.sandbox.is_none() && !act.phase.state.is_terminal() => {
+                            tracing::info!(run_id = %act.id, trace_id = %act.record.trace_id, sandbox = %handle.id, "adopted run's sandbox found");
+                            act.record.sandbox_id = Some(handle.id.clone());
+                            act.record.remote_host = Some(handle.remote_host.clone());
+                            act.sandbox = Some(handle);
+                            act.persist(Vec::new(), ctx);
+                        }
+                        Some(_) => {}
+                        None => {
+                            ctx.run_later(SANDBOX_LOOKUP_EVERY, move |act, ctx| {
+                                act.look_for_sandbox(tries - 1, ctx)
+                            });
+                        }
+                    }
+                }),
+        );
+    }
+
     fn kill_sandbox(&mut self, _: &mut Context<Self>) {
         let handle = self.sandbox.take();
         if handle.is_none() && !self.adopted {
@@ -1678,6 +1726,9 @@ impl Actor for RunActor {
             tracing::info!(run_id = %self.id, trace_id = %self.record.trace_id, state = %self.phase.state, fence = self.lease.fence, "run adopted");
             self.apply(Input::Adopted, ctx);
             self.check_commands(ctx);
+            if self.sandbox.is_none() && self.phase.state != RunState::Pending {
+                self.look_for_sandbox(SANDBOX_LOOKUPS, ctx);
+            }
         } else {
             self.apply(Input::Start, ctx);
         }
@@ -1815,6 +1866,11 @@ impl Handler<Superseded> for RunActor {
         ctx.stop();
     }
 }
+
+/// How often, and how many times, an adopted run looks for a sandbox handle not stored yet
+/// (two minutes in all: a spawn call outlasting that has failed the run's startup anyway).
+const SANDBOX_LOOKUP_EVERY: Duration = Duration::from_millis(250);
+const SANDBOX_LOOKUPS: u32 = 480;
 
 /// Close code telling a shim its run is driven by another replica now (it reconnects).
 pub const CLOSE_RUN_MOVED: u16 = 4001;
