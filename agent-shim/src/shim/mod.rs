@@ -461,11 +461,6 @@ impl Shim {
                 result,
                 error,
             } => {
-                let code = error.as_ref().map(|e| e.code.clone());
-                if !self.pending.answer(&call_id, ok, code) {
-                    tracing::warn!(%call_id, "ignoring a result for a tool call that is not pending");
-                    return;
-                }
                 let failure = error.as_ref().map(|e| e.code.clone());
                 let line = ToAgent::ToolResult {
                     id: call_id.clone(),
@@ -473,9 +468,10 @@ impl Shim {
                     result,
                     error,
                 };
-                self.send_to_agent(&line);
-                self.spans
-                    .call_answered(&call_id, failure.as_deref().or((!ok).then_some("failed")));
+                match serde_json::to_string(&line) {
+                    Ok(line) => self.answer_agent(&call_id, ok, failure, line),
+                    Err(e) => tracing::error!(error = %e, "cannot encode a line for the agent"),
+                }
             }
             ServerMessage::Stop { grace_s } => self.on_stop(grace_s).await,
             ServerMessage::Error {
@@ -501,15 +497,20 @@ impl Shim {
         let Some((call_id, ok, error, line)) = relay::tool_result_passthrough(frame) else {
             return false;
         };
-        let failure = error.map(|e| e.code);
-        if !self.pending.answer(&call_id, ok, failure.clone()) {
+        self.answer_agent(&call_id, ok, error.map(|e| e.code), line);
+        true
+    }
+
+    /// Gives the agent a pending call's answer (its encoded line) and closes the call's span;
+    /// an answer to a call that is not pending is dropped.
+    fn answer_agent(&mut self, call_id: &str, ok: bool, failure: Option<String>, line: String) {
+        if !self.pending.answer(call_id, ok, failure.clone()) {
             tracing::warn!(%call_id, "ignoring a result for a tool call that is not pending");
-            return true;
+            return;
         }
         self.send_line_to_agent(line);
         self.spans
-            .call_answered(&call_id, failure.as_deref().or((!ok).then_some("failed")));
-        true
+            .call_answered(call_id, failure.as_deref().or((!ok).then_some("failed")));
     }
 
     fn on_ack(&mut self, seq: u64) {
