@@ -303,14 +303,9 @@ impl Harness {
             RunSpec {
                 record,
                 image: None,
-                bundle: BundleInfo {
-                    url: "http://127.0.0.1:1/bundle".into(),
-                    sha256: "0".repeat(64),
-                    size: 0,
-                    command: "true".into(),
-                },
+                bundle: test_bundle(),
                 env: BTreeMap::new(),
-                traceparent: format!("00-{}-{}-01", "0".repeat(32), "0".repeat(16)),
+                traceparent: TRACEPARENT.into(),
                 span: tracing::Span::none(),
             },
             lease,
@@ -343,6 +338,18 @@ impl Harness {
         }
     }
 }
+
+/// The bundle every run of these tests names (never fetched: no shim runs).
+fn test_bundle() -> BundleInfo {
+    BundleInfo {
+        url: "http://127.0.0.1:1/bundle".into(),
+        sha256: "0".repeat(64),
+        size: 0,
+        command: "true".into(),
+    }
+}
+
+const TRACEPARENT: &str = "00-00000000000000000000000000000000-0000000000000000-01";
 
 /// A `tool_call` frame with args `{"call": call}` on connection 1; `answered`: the connection's
 /// answer to it.
@@ -641,14 +648,9 @@ async fn an_adopted_run_whose_sandbox_handle_is_stored_late_names_it() {
     // The API stores the spec an adopter needs; this harness starts the actor directly.
     let spec = ::actors::run::StoredSpec {
         image: None,
-        bundle: BundleInfo {
-            url: "http://127.0.0.1:1/bundle".into(),
-            sha256: "0".repeat(64),
-            size: 0,
-            command: "true".into(),
-        },
+        bundle: test_bundle(),
         env: BTreeMap::new(),
-        traceparent: format!("00-{}-{}-01", "0".repeat(32), "0".repeat(16)),
+        traceparent: TRACEPARENT.into(),
     };
     h.store
         .put_blob(

@@ -384,15 +384,8 @@ impl Writer {
         let id = self.id;
         let handle = match handle {
             Some(handle) => Some(handle),
-            None => match self.store.get_blob(&sandbox_blob_key(id)).await {
-                Ok(Some(bytes)) => match serde_json::from_slice(&bytes) {
-                    Ok(handle) => Some(handle),
-                    Err(err) => {
-                        tracing::warn!(run_id = %id, trace_id = %self.trace_id, error = %err, "stored sandbox handle unreadable");
-                        None
-                    }
-                },
-                Ok(None) => None,
+            None => match stored_sandbox(&*self.store, id, &self.trace_id).await {
+                Ok(handle) => handle,
                 Err(err) => {
                     tracing::warn!(run_id = %id, trace_id = %self.trace_id, error = %err, "could not look up the sandbox");
                     None
@@ -1211,18 +1204,14 @@ impl RunActor {
             return;
         }
         let store = self.deps.store.clone();
-        let key = sandbox_blob_key(self.id);
+        let id = self.id;
+        let trace_id = self.record.trace_id.clone();
         ctx.spawn(
-            async move { store.get_blob(&key).await }
+            async move { stored_sandbox(&*store, id, &trace_id).await }
                 .into_actor(self)
                 .map(move |res, act, ctx| {
                     let found = match res {
-                        Ok(Some(bytes)) => serde_json::from_slice::<SandboxHandle>(&bytes)
-                            .map_err(|err| {
-                                tracing::warn!(run_id = %act.id, trace_id = %act.record.trace_id, error = %err, "stored sandbox handle unreadable");
-                            })
-                            .ok(),
-                        Ok(None) => None,
+                        Ok(handle) => handle,
                         Err(err) => {
                             tracing::debug!(run_id = %act.id, trace_id = %act.record.trace_id, error = %err, "could not look up the sandbox handle");
                             None
@@ -1864,6 +1853,25 @@ impl Handler<Superseded> for RunActor {
             }
         }
         ctx.stop();
+    }
+}
+
+/// The sandbox handle stored for run `id`, if any; one that does not decode is logged and taken
+/// as none.
+async fn stored_sandbox(
+    store: &dyn RunStore,
+    id: RunId,
+    trace_id: &str,
+) -> Result<Option<SandboxHandle>, StoreError> {
+    let Some(bytes) = store.get_blob(&sandbox_blob_key(id)).await? else {
+        return Ok(None);
+    };
+    match serde_json::from_slice(&bytes) {
+        Ok(handle) => Ok(Some(handle)),
+        Err(err) => {
+            tracing::warn!(run_id = %id, trace_id, error = %err, "stored sandbox handle unreadable");
+            Ok(None)
+        }
     }
 }
 
