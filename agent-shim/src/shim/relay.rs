@@ -94,10 +94,15 @@ struct ResultFrame<'a> {
 /// A server frame that is a `tool_result`, turned into the agent's line (without the newline)
 /// with the result's JSON text carried over as it is instead of parsed and encoded again:
 /// `(call_id, ok, error, line)`. `None` for any other frame, and for a result whose text spans
-/// lines; those go the way of every frame ([`tool_result_line`]).
+/// lines; those go the way of every frame ([`tool_result_line`]). Only a frame that starts with
+/// its tag, as the control plane writes it, is tried: any other (an `ack` riding along with
+/// every result) is left at once instead of failing a parse that words an error.
 pub fn tool_result_passthrough(
     frame: &str,
 ) -> Option<(String, bool, Option<crate::protocol::ToolError>, String)> {
+    if !frame.starts_with(r#"{"type":"tool_result","#) {
+        return None;
+    }
     let parsed: ResultFrame<'_> = serde_json::from_str(frame).ok()?;
     if parsed.kind != "tool_result" {
         return None;
@@ -355,6 +360,8 @@ mod tests {
             r#"{"type":"ack","seq":3}"#,
             r#"{"type":"stop","grace_s":3}"#,
             r#"{"type":"tool_results","call_id":"c","ok":true}"#,
+            // The tag not first: left to the parse of every frame.
+            r#"{"call_id":"c","type":"tool_result","ok":true}"#,
             r#"{"type":"tool_result","ok":true}"#,
             "{\"type\":\"tool_result\",\"call_id\":\"c\",\"ok\":true,\"result\":{\n\"a\": 1}}",
             "not json",
