@@ -129,7 +129,38 @@ pub struct ShimSpan {
     pub error: Option<String>,
 }
 
+/// A `tool_call` frame's fields, read without the buffering an internally tagged enum needs.
+#[derive(Deserialize)]
+struct ToolCallFields {
+    seq: u64,
+    call_id: String,
+    tool: String,
+    #[serde(default)]
+    args: Value,
+}
+
 impl ShimMessage {
+    /// Reads a frame. A `tool_call` that starts with its tag, as the shim writes it, is read
+    /// field by field into its variant; everything else goes through the derived reading (which
+    /// first buffers the whole frame to find its tag). Both give the same message.
+    pub fn from_frame(text: &str) -> serde_json::Result<ShimMessage> {
+        if text.starts_with(r#"{"type":"tool_call","#) {
+            let ToolCallFields {
+                seq,
+                call_id,
+                tool,
+                args,
+            } = serde_json::from_str(text)?;
+            return Ok(ShimMessage::ToolCall {
+                seq,
+                call_id,
+                tool,
+                args,
+            });
+        }
+        serde_json::from_str(text)
+    }
+
     /// Sequence number of a message that needs an ack; `None` for hello and heartbeats.
     pub fn seq(&self) -> Option<u64> {
         match self {
@@ -345,5 +376,35 @@ mod tests {
     fn unknown_type_is_rejected() {
         let err = serde_json::from_str::<ShimMessage>(r#"{"type":"bogus"}"#).unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn frames_read_the_same_by_from_frame_as_by_the_derived_reading() {
+        let frames = [
+            r#"{"type":"tool_call","seq":4,"call_id":"c\"1","tool":"fs.read_file","args":{"path":"a b\n","n":[1,2.5,null]}}"#,
+            r#"{"type":"tool_call","seq":5,"call_id":"c2","tool":"fs.list_dir"}"#,
+            r#"{"type":"tool_call","seq":6,"call_id":"c3","tool":"x","args":null,"extra":true}"#,
+            r#"{"type":"tool_call","call_id":"c4","seq":7,"args":"s","tool":"t"}"#,
+            r#"{"seq":8,"type":"tool_call","call_id":"c5","tool":"t"}"#,
+            r#"{"type":"log","seq":9,"stream":"stdout","line":"hi"}"#,
+            r#"{"type":"heartbeat","at_ms":1}"#,
+        ];
+        for frame in frames {
+            let derived: ShimMessage = serde_json::from_str(frame).unwrap();
+            assert_eq!(ShimMessage::from_frame(frame).unwrap(), derived, "{frame}");
+        }
+        // What the derived reading refuses, so does from_frame.
+        for frame in [
+            r#"{"type":"tool_call","seq":1,"tool":"t"}"#,
+            r#"{"type":"tool_call","seq":"one","call_id":"c","tool":"t"}"#,
+            r#"{"type":"tool_call","seq":1,"call_id":"c","tool":"t""#,
+            r#"{"type":"tool_calls","seq":1,"call_id":"c","tool":"t"}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<ShimMessage>(frame).is_err(),
+                "{frame}"
+            );
+            assert!(ShimMessage::from_frame(frame).is_err(), "{frame}");
+        }
     }
 }
