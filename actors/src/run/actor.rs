@@ -16,8 +16,8 @@ use opentelemetry::KeyValue;
 use serde_json::Value;
 
 use super::messages::{
-    AnsweredHere, Attachment, CheckCommands, KillRun, ShimFrame, ShimGone, ShimHello, StopRun,
-    Superseded,
+    AnsweredHere, Attachment, CheckCommands, KillRun, ShimFrame, ShimFrames, ShimGone, ShimHello,
+    StopRun, Superseded,
 };
 use super::state::{transition, Action, Ending, Input, Limits, Phase, Timer};
 use crate::metrics::{attr, Metrics, QueueCounter, QueueKind};
@@ -1992,6 +1992,15 @@ impl Handler<ShimHello> for RunActor {
             last_seq: self.last_seq,
             span: self.spec.span.clone(),
         })
+    }
+}
+
+impl Handler<ShimFrames> for RunActor {
+    type Result = ();
+    fn handle(&mut self, msg: ShimFrames, ctx: &mut Context<Self>) {
+        for frame in msg.0 {
+            <Self as Handler<ShimFrame>>::handle(self, frame, ctx);
+        }
     }
 }
 

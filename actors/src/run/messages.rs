@@ -59,6 +59,11 @@ pub struct ShimFrame {
     pub answered: Option<Box<AnsweredHere>>,
 }
 
+/// Frames from the shim on the run's current connection, in the order received.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ShimFrames(pub Vec<ShimFrame>);
+
 /// A tool call's answer sent by the connection that received the call.
 pub struct AnsweredHere {
     /// The `tool_result` sent.

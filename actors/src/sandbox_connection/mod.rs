@@ -20,8 +20,8 @@ use tokio::sync::mpsc;
 use crate::metrics::{QueueCounter, QueueKind};
 use crate::model::RunId;
 use crate::run::actor::{check_protocol_version, tool_call_span};
-use crate::run::messages::{AnsweredHere, Attachment, ShimFrame, ShimGone, ShimHello};
-use crate::run::{adopt, AdoptError, RunActor, RunDeps, RunRegistry};
+use crate::run::messages::{AnsweredHere, Attachment, ShimFrame, ShimFrames, ShimGone, ShimHello};
+use crate::run::{adopt, AdoptError, RunDeps, RunRegistry};
 use crate::store::RunStore;
 use crate::store::{Claim, StoreError};
 use crate::token::{self, TokenError};
@@ -61,14 +61,21 @@ enum Stage {
     Checking,
     Attached {
         run_id: RunId,
-        run: Addr<RunActor>,
         /// Counts frames handed to the run actor until it handled them.
         mailbox: QueueCounter,
         /// Which tool calls this connection may answer itself.
         gate: AnswerGate,
         /// The run's span, parent of the spans of calls answered here.
         span: tracing::Span,
+        /// Frames on their way to the run actor (see [`hand_to_run`]).
+        to_run: mpsc::UnboundedSender<ToRun>,
     },
+}
+
+/// What the connection hands to its run's actor, in order.
+enum ToRun {
+    Frame(ShimFrame),
+    Gone(ShimGone),
 }
 
 /// Decides which tool calls a connection may answer on receipt instead of leaving them to the
@@ -261,7 +268,7 @@ impl SandboxConnection {
     }
 
     fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
-        let message: ShimMessage = match serde_json::from_str(text) {
+        let message = match ShimMessage::from_frame(text) {
             Ok(message) => message,
             Err(err) => {
                 return self.reject(
@@ -345,12 +352,22 @@ impl SandboxConnection {
                         Ok((run, Attachment { mailbox, last_seq, span })) => {
                             // The shim could send nothing while it waited for its welcome.
                             act.last_seen = Instant::now();
+                            let (to_run, frames) = mpsc::unbounded_channel();
+                            actix_rt::spawn(hand_to_run(
+                                act.id,
+                                RunInbox {
+                                    frames: run.clone().recipient(),
+                                    gone: run.recipient(),
+                                },
+                                frames,
+                                ctx.address().downgrade().recipient(),
+                            ));
                             act.stage = Stage::Attached {
                                 run_id,
-                                run,
                                 mailbox,
                                 gate: AnswerGate::new(last_seq, answered_before),
                                 span,
+                                to_run,
                             };
                         }
                         Err(TokenError::Store(err)) => {
@@ -382,7 +399,10 @@ impl SandboxConnection {
                 if let Some(answered) = &answered {
                     self.send(&answered.message, ctx);
                 }
-                let Stage::Attached { run, mailbox, .. } = &self.stage else {
+                let Stage::Attached {
+                    mailbox, to_run, ..
+                } = &self.stage
+                else {
                     return;
                 };
                 let frame = ShimFrame {
@@ -391,10 +411,10 @@ impl SandboxConnection {
                     queued: Some(mailbox.enter()),
                     answered,
                 };
-                if let Err(err) = run.try_send(frame) {
-                    // Not acked, so the shim resends it after reconnecting.
-                    tracing::warn!(conn = self.id, error = %err, "run actor busy; disconnecting the shim");
-                    self.close(1013, "control plane busy; reconnect and resume", ctx);
+                if to_run.send(ToRun::Frame(frame)).is_err() {
+                    // The hand-off ended (the run actor was busy and the connection is closing):
+                    // not acked, so the shim resends it after reconnecting.
+                    tracing::debug!(conn = self.id, "frame dropped; the connection is closing");
                 }
             }
         }
@@ -474,12 +494,15 @@ impl Actor for SandboxConnection {
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         self.deps.run_deps.metrics.connections_active.add(-1, &[]);
-        if let Stage::Attached { run, run_id, .. } = &self.stage {
+        if let Stage::Attached { run_id, to_run, .. } = &self.stage {
             tracing::debug!(conn = self.id, run_id = %run_id, "shim connection ended");
-            run.do_send(ShimGone {
+            let gone = ToRun::Gone(ShimGone {
                 conn_id: self.id,
                 reason: "connection closed".into(),
             });
+            if to_run.send(gone).is_err() {
+                tracing::debug!(conn = self.id, "the run's hand-off already ended");
+            }
         }
     }
 }
@@ -531,6 +554,107 @@ impl Handler<ToShim> for SandboxConnection {
             ToShim::Close { code, reason } => self.close(code, reason, ctx),
         }
     }
+}
+
+/// Hands a connection's frames to its run's actor, in order, then its end. A separate task so
+/// that the hand-off happens after whatever the connection queued for the socket in the same
+/// turn: this thread's tasks run in the order they were woken, so the socket's dispatcher writes
+/// a tool call's answer before the frame wakes the run actor's thread for the bookkeeping.
+///
+/// A frame the connection answered itself leaves the run actor only bookkeeping, so it is held
+/// for up to [`HOLD`] (and [`HOLD_MAX`] frames) and goes with those after it: one wake of the
+/// run's thread, and one store write and ack, then serve several calls. Any other frame, and the
+/// connection's end, takes the held ones along at once.
+///
+/// A run actor too busy to take a frame gets none after it; the connection is closed instead
+/// (nothing after the last ack is lost: the shim resends it on reconnecting).
+async fn hand_to_run(
+    conn_id: u64,
+    run: RunInbox,
+    mut frames: mpsc::UnboundedReceiver<ToRun>,
+    conn: actix::WeakRecipient<ToShim>,
+) {
+    let mut held = Held {
+        conn_id,
+        run,
+        conn,
+        frames: Vec::new(),
+        refused: false,
+    };
+    let release = tokio::time::sleep(HOLD);
+    tokio::pin!(release);
+    loop {
+        let item = tokio::select! {
+            biased;
+            item = frames.recv() => item,
+            () = &mut release, if !held.frames.is_empty() => {
+                held.release();
+                continue;
+            }
+        };
+        match item {
+            Some(ToRun::Frame(frame)) => {
+                let bookkeeping = frame.answered.is_some();
+                if held.frames.is_empty() {
+                    release.as_mut().reset(tokio::time::Instant::now() + HOLD);
+                }
+                held.frames.push(frame);
+                if !bookkeeping || held.frames.len() >= HOLD_MAX {
+                    held.release();
+                }
+            }
+            Some(ToRun::Gone(gone)) => {
+                held.release();
+                held.run.gone.do_send(gone);
+            }
+            None => {
+                held.release();
+                return;
+            }
+        }
+    }
+}
+
+/// How long a frame the connection answered may wait for others to go to the run actor with.
+pub const HOLD: Duration = Duration::from_millis(1);
+/// How many such frames may wait.
+pub const HOLD_MAX: usize = 64;
+
+/// The frames [`hand_to_run`] holds, and where they go.
+struct Held {
+    conn_id: u64,
+    run: RunInbox,
+    conn: actix::WeakRecipient<ToShim>,
+    frames: Vec<ShimFrame>,
+    refused: bool,
+}
+
+impl Held {
+    /// Sends the held frames, as one message.
+    fn release(&mut self) {
+        if self.frames.is_empty() {
+            return;
+        }
+        let frames = ShimFrames(std::mem::take(&mut self.frames));
+        if !self.refused {
+            if let Err(err) = self.run.frames.try_send(frames) {
+                tracing::warn!(conn = self.conn_id, error = %err, "run actor busy; disconnecting the shim");
+                self.refused = true;
+                if let Some(conn) = self.conn.upgrade() {
+                    conn.do_send(ToShim::Close {
+                        code: 1013,
+                        reason: "control plane busy; reconnect and resume".into(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Where a connection's frames and its end go: the run's actor.
+struct RunInbox {
+    frames: Recipient<ShimFrames>,
+    gone: Recipient<ShimGone>,
 }
 
 /// Writes the frames the actor could not put straight into the socket's queue, counting each
@@ -606,5 +730,182 @@ mod tests {
         // The same seq twice (a resend on this connection): only the first.
         assert!(gate.admit(&call(8, "g")));
         assert!(!gate.admit(&call(8, "g")));
+    }
+
+    /// Keeps what it is sent.
+    #[derive(Default)]
+    struct Recorder {
+        seqs: Vec<u64>,
+        gone: Vec<u64>,
+        to_shim: Vec<String>,
+    }
+
+    impl Actor for Recorder {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<ShimFrames> for Recorder {
+        type Result = ();
+        fn handle(&mut self, frames: ShimFrames, _: &mut Context<Self>) {
+            self.seqs
+                .extend(frames.0.iter().filter_map(|frame| frame.message.seq()));
+        }
+    }
+
+    impl Handler<ShimGone> for Recorder {
+        type Result = ();
+        fn handle(&mut self, gone: ShimGone, _: &mut Context<Self>) {
+            self.gone.push(gone.conn_id);
+        }
+    }
+
+    impl Handler<ToShim> for Recorder {
+        type Result = ();
+        fn handle(&mut self, msg: ToShim, _: &mut Context<Self>) {
+            self.to_shim.push(format!("{msg:?}"));
+        }
+    }
+
+    #[derive(Message)]
+    #[rtype(result = "(Vec<u64>, Vec<u64>, Vec<String>)")]
+    struct Seen;
+
+    impl Handler<Seen> for Recorder {
+        type Result = MessageResult<Seen>;
+        fn handle(&mut self, _: Seen, _: &mut Context<Self>) -> Self::Result {
+            MessageResult((self.seqs.clone(), self.gone.clone(), self.to_shim.clone()))
+        }
+    }
+
+    fn frame(seq: u64) -> ToRun {
+        ToRun::Frame(ShimFrame {
+            conn_id: 7,
+            message: call(seq, &format!("c{seq}")),
+            queued: None,
+            answered: None,
+        })
+    }
+
+    /// Runs `hand_to_run` over frames 1..=`frames` and the connection's end, queued before it
+    /// starts, into a run actor taking `capacity` at a time; what the run and the connection got.
+    async fn hand_off(frames: u64, capacity: usize) -> (Vec<u64>, Vec<u64>, Vec<String>) {
+        let run = Recorder::create(|ctx| {
+            ctx.set_mailbox_capacity(capacity);
+            Recorder::default()
+        });
+        let conn = Recorder::default().start();
+        let (to_run, rx) = mpsc::unbounded_channel();
+        for seq in 1..=frames {
+            to_run.send(frame(seq)).unwrap();
+        }
+        to_run
+            .send(ToRun::Gone(ShimGone {
+                conn_id: 7,
+                reason: "closed".into(),
+            }))
+            .unwrap();
+        drop(to_run);
+        let inbox = RunInbox {
+            frames: run.clone().recipient(),
+            gone: run.clone().recipient(),
+        };
+        hand_to_run(7, inbox, rx, conn.downgrade().recipient()).await;
+        let (seqs, gone, _) = run.send(Seen).await.unwrap();
+        let (_, _, to_shim) = conn.send(Seen).await.unwrap();
+        (seqs, gone, to_shim)
+    }
+
+    #[actix_rt::test]
+    async fn frames_reach_the_run_in_order_then_the_end() {
+        let (seqs, gone, to_shim) = hand_off(20, 64).await;
+        assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+        assert_eq!(gone, vec![7]);
+        assert!(to_shim.is_empty(), "{to_shim:?}");
+    }
+
+    #[actix_rt::test]
+    async fn a_busy_run_gets_no_frame_after_one_it_refused_and_the_connection_is_closed() {
+        let (seqs, gone, to_shim) = hand_off(20, 2).await;
+        // What it took is a gapless start; nothing after the refused frame slipped through.
+        assert!(!seqs.is_empty() && seqs.len() < 20, "{seqs:?}");
+        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+        // The end still arrives, so the run knows its shim is gone.
+        assert_eq!(gone, vec![7]);
+        assert_eq!(to_shim.len(), 1, "{to_shim:?}");
+        assert!(to_shim[0].contains("1013"), "{to_shim:?}");
+    }
+
+    fn answered(seq: u64) -> ToRun {
+        let ToRun::Frame(mut frame) = frame(seq) else {
+            unreachable!()
+        };
+        frame.answered = Some(Box::new(AnsweredHere {
+            message: ServerMessage::Ack { seq },
+            took: Duration::ZERO,
+            span: tracing::Span::none(),
+        }));
+        ToRun::Frame(frame)
+    }
+
+    /// Lets every task that can run, run (the clock stays where it is).
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[actix_rt::test]
+    async fn answered_frames_wait_a_moment_for_company_and_anything_else_takes_them_along() {
+        tokio::time::pause();
+        let run = Recorder::default().start();
+        let conn = Recorder::default().start();
+        let (to_run, rx) = mpsc::unbounded_channel();
+        let inbox = RunInbox {
+            frames: run.clone().recipient(),
+            gone: run.clone().recipient(),
+        };
+        let handing = actix_rt::spawn(hand_to_run(7, inbox, rx, conn.downgrade().recipient()));
+        let seen = |run: Addr<Recorder>| async move { run.send(Seen).await.unwrap() };
+
+        // Answered calls are held...
+        for seq in 1..=3 {
+            to_run.send(answered(seq)).unwrap();
+        }
+        settle().await;
+        assert!(seen(run.clone()).await.0.is_empty());
+        tokio::time::advance(HOLD / 2).await;
+        assert!(seen(run.clone()).await.0.is_empty());
+        // ...until the hold is over (the timer's resolution is a millisecond: give it one more).
+        tokio::time::advance(HOLD / 2 + Duration::from_millis(1)).await;
+        settle().await;
+        assert_eq!(seen(run.clone()).await.0, vec![1, 2, 3]);
+
+        // A frame the run actor has to act on goes at once, with the held ones before it.
+        to_run.send(answered(4)).unwrap();
+        to_run.send(frame(5)).unwrap();
+        settle().await;
+        assert_eq!(seen(run.clone()).await.0, vec![1, 2, 3, 4, 5]);
+
+        // No more than HOLD_MAX wait.
+        for seq in 6..6 + HOLD_MAX as u64 {
+            to_run.send(answered(seq)).unwrap();
+        }
+        settle().await;
+        assert_eq!(seen(run.clone()).await.0.len(), 5 + HOLD_MAX);
+
+        // The connection's end takes the held ones along, then ends the hand-off.
+        to_run.send(answered(6 + HOLD_MAX as u64)).unwrap();
+        to_run
+            .send(ToRun::Gone(ShimGone {
+                conn_id: 7,
+                reason: "closed".into(),
+            }))
+            .unwrap();
+        drop(to_run);
+        handing.await.unwrap();
+        let (seqs, gone, to_shim) = seen(run.clone()).await;
+        assert_eq!(seqs, (1..=6 + HOLD_MAX as u64).collect::<Vec<_>>());
+        assert_eq!(gone, vec![7]);
+        assert!(seen(conn).await.2.is_empty(), "{to_shim:?}");
     }
 }
