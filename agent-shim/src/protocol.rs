@@ -311,6 +311,29 @@ pub mod agent {
             result: Value,
         },
     }
+
+    /// A `tool_call` line's fields, read without the buffering an internally tagged enum needs.
+    #[derive(Deserialize)]
+    struct ToolCallFields {
+        id: String,
+        tool: String,
+        #[serde(default)]
+        args: Value,
+    }
+
+    impl FromAgent {
+        /// Reads an agent's line. A `tool_call` that starts with its tag (as agents usually
+        /// write it) is read field by field into its variant; everything else goes through the
+        /// derived reading (which first buffers the whole line to find its tag). Both give the
+        /// same message.
+        pub fn from_line(line: &str) -> serde_json::Result<FromAgent> {
+            if line.starts_with(r#"{"type":"tool_call","#) {
+                let ToolCallFields { id, tool, args } = serde_json::from_str(line)?;
+                return Ok(FromAgent::ToolCall { id, tool, args });
+            }
+            serde_json::from_str(line)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -405,6 +428,35 @@ mod tests {
                 "{frame}"
             );
             assert!(ShimMessage::from_frame(frame).is_err(), "{frame}");
+        }
+    }
+
+    #[test]
+    fn agent_lines_read_the_same_by_from_line_as_by_the_derived_reading() {
+        use agent::FromAgent;
+        let lines = [
+            r#"{"type":"tool_call","id":"c\"1","tool":"fs.read_file","args":{"path":"a b\n","n":[1,2.5,null]}}"#,
+            r#"{"type":"tool_call","id":"c2","tool":"fs.list_dir"}"#,
+            r#"{"type":"tool_call","id":"c3","tool":"x","args":null,"extra":true}"#,
+            r#"{"type":"tool_call","tool":"t","args":"s","id":"c4"}"#,
+            r#"{"id":"c5","type":"tool_call","tool":"t"}"#,
+            r#"{"type":"message","text":"hi"}"#,
+            r#"{"type":"done","result":{"ok":1}}"#,
+        ];
+        for line in lines {
+            let derived: FromAgent = serde_json::from_str(line).unwrap();
+            assert_eq!(FromAgent::from_line(line).unwrap(), derived, "{line}");
+        }
+        // What the derived reading refuses, so does from_line.
+        for line in [
+            r#"{"type":"tool_call","tool":"t"}"#,
+            r#"{"type":"tool_call","id":7,"tool":"t"}"#,
+            r#"{"type":"tool_call","id":"c","tool":"t""#,
+            r#"{"type":"tool_calls","id":"c","tool":"t"}"#,
+            r#"{"type":"tool_call","id":"c","tool":"t"} trailing"#,
+        ] {
+            assert!(serde_json::from_str::<FromAgent>(line).is_err(), "{line}");
+            assert!(FromAgent::from_line(line).is_err(), "{line}");
         }
     }
 }

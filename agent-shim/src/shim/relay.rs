@@ -23,7 +23,7 @@ pub enum Relayed {
 /// Classifies a complete line from the agent's stdout or stderr.
 pub fn classify(stream: LogStream, line: String) -> Relayed {
     if stream == LogStream::Stdout {
-        if let Ok(msg) = serde_json::from_str::<FromAgent>(&line) {
+        if let Ok(msg) = FromAgent::from_line(&line) {
             return match msg {
                 FromAgent::ToolCall { id, tool, args } => Relayed::ToolCall {
                     call_id: id,
