@@ -15,6 +15,8 @@ pub mod codes {
     pub const IO_ERROR: &str = "io_error";
     pub const TOO_LARGE: &str = "too_large";
     pub const RETRYABLE: &str = "retryable";
+    /// A tool call whose id an earlier call of the run already used.
+    pub const DUPLICATE_CALL_ID: &str = "duplicate_call_id";
 }
 
 /// A tool call's failure, as returned to the agent.

@@ -597,45 +597,73 @@ async fn a_call_the_connection_answered_is_recorded_not_executed_or_answered_aga
             span: tracing::Span::none(),
         }))
     };
-    // c1 answered by the connection; c1 again (the agent reused the id) likewise; c2 not.
-    for (seq, call, answer) in [(1, "c1", true), (2, "c1", true), (3, "c2", false)] {
+    // c1 answered by the connection; c1 again likewise (its gate keeps a reused id for the run
+    // actor, but should one come answered it is not answered again); c2 not; c2 again (the
+    // agent reused the id): refused with an error answer, not executed.
+    for (seq, call, answer) in [
+        (1, "c1", true),
+        (2, "c1", true),
+        (3, "c2", false),
+        (4, "c2", false),
+    ] {
         let answered = if answer { answered(call) } else { None };
         send_call(&run, seq, call, "echo", answered).await;
     }
     let events = h
-        .wait_events(id, 5, |kind| match kind {
-            ::actors::model::EventKind::ToolCall { call_id, .. } => Some(("call", call_id)),
-            ::actors::model::EventKind::ToolResult { call_id, .. } => Some(("result", call_id)),
+        .wait_events(id, 7, |kind| match kind {
+            ::actors::model::EventKind::ToolCall { call_id, .. } => Some(("call", call_id, None)),
+            ::actors::model::EventKind::ToolResult {
+                call_id,
+                error_code,
+                ..
+            } => Some(("result", call_id, error_code)),
             _ => None,
         })
         .await;
-    let pairs: Vec<(&str, &str)> = events
+    let pairs: Vec<(&str, &str, Option<&str>)> = events
         .iter()
-        .map(|(what, call)| (*what, call.as_str()))
+        .map(|(what, call, code)| (*what, call.as_str(), code.as_deref()))
         .collect();
     assert_eq!(
         pairs,
         [
-            ("call", "c1"),
-            ("result", "c1"),
-            ("call", "c1"),
-            ("call", "c2"),
-            ("result", "c2")
+            ("call", "c1", None),
+            ("result", "c1", None),
+            ("call", "c1", None),
+            ("call", "c2", None),
+            ("result", "c2", None),
+            ("call", "c2", None),
+            ("result", "c2", Some("duplicate_call_id")),
         ],
-        "c1 recorded once with its answer, the reused id only as a call: {events:?}"
+        "c1 recorded once with its answer, its reused id only as a call; c2's reused id refused: {events:?}"
     );
     let executed = executed_args(id);
-    assert_eq!(executed, vec![json!({"call": "c2"})], "only c2 executed");
+    assert_eq!(
+        executed,
+        vec![json!({"call": "c2"})],
+        "only c2 executed, once"
+    );
     let frames = inbox.lock().unwrap();
     let answered = answered_ids(&frames);
     assert_eq!(
         answered,
-        ["c2"],
-        "the run actor answers only what the connection did not"
+        ["c2", "c2"],
+        "the run actor answers only what the connection did not: c2, then its reuse"
     );
+    let refusal = frames.iter().find_map(|m| match m {
+        ToShim::Frame(ServerMessage::ToolResult {
+            ok: false,
+            error: Some(error),
+            ..
+        }) => Some(error.clone()),
+        _ => None,
+    });
+    let refusal = refusal.expect("the reused id is answered with an error");
+    assert_eq!(refusal.code, "duplicate_call_id");
+    assert!(refusal.message.contains("'c2'"), "{}", refusal.message);
     assert!(frames
         .iter()
-        .any(|m| matches!(m, ToShim::Frame(ServerMessage::Ack { seq: 3 }))));
+        .any(|m| matches!(m, ToShim::Frame(ServerMessage::Ack { seq: 4 }))));
 }
 
 #[actix_rt::test]

@@ -16,7 +16,9 @@ use tokio_tungstenite::tungstenite::Message;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Reads the task, reads README.md, writes a file, reports, finishes.
+/// Reads the task, reads README.md, writes a file, calls an unknown tool, reads outside the
+/// workspace, uses two ids again (a read the connection could answer, a listing it could not),
+/// reports, finishes.
 const GOOD_AGENT: &str = r#"
 read task
 printf '%s\n' '{"type":"message","text":"starting"}'
@@ -31,6 +33,12 @@ case "$result3" in *unknown_tool*) ;; *) echo "expected unknown_tool: $result3" 
 printf '%s\n' '{"type":"tool_call","id":"c4","tool":"fs.read_file","args":{"path":"../outside"}}'
 read result4
 case "$result4" in *outside_workspace*) ;; *) echo "expected outside_workspace: $result4" >&2; exit 7;; esac
+printf '%s\n' '{"type":"tool_call","id":"c1","tool":"fs.read_file","args":{"path":"README.md"}}'
+read result5
+case "$result5" in *duplicate_call_id*"'c1'"*) ;; *) echo "expected duplicate_call_id: $result5" >&2; exit 6;; esac
+printf '%s\n' '{"type":"tool_call","id":"c3","tool":"fs.list_dir","args":{"path":"."}}'
+read result6
+case "$result6" in *duplicate_call_id*"'c3'"*) ;; *) echo "expected duplicate_call_id: $result6" >&2; exit 4;; esac
 echo "this line is not json"
 echo "to stderr" >&2
 printf '%s\n' '{"type":"done","result":"all good"}'
@@ -150,6 +158,16 @@ async fn a_run_succeeds_with_tool_calls_served_by_the_control_plane() {
                 "fs.read_file".into(),
                 false,
                 Some("outside_workspace".into())
+            ),
+            (
+                "fs.read_file".into(),
+                false,
+                Some("duplicate_call_id".into())
+            ),
+            (
+                "fs.list_dir".into(),
+                false,
+                Some("duplicate_call_id".into())
             ),
         ]
     );

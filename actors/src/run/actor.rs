@@ -1369,6 +1369,9 @@ impl RunActor {
                         Some(answered) => {
                             events.extend(self.record_answered(call_id, tool, *answered, ctx))
                         }
+                        None if self.seen_calls.contains_key(&call_id) => {
+                            events.push(self.refuse_reused_id(call_id, tool, &args, ctx));
+                        }
                         None => self.start_tool_call(call_id, tool, args, ctx),
                     },
                 }
@@ -1423,6 +1426,42 @@ impl RunActor {
         }
     }
 
+    /// A new tool call whose id an earlier call of the run used: not executed; the agent gets an
+    /// error answer naming the id, and the run goes on.
+    fn refuse_reused_id(
+        &mut self,
+        call_id: String,
+        tool: String,
+        args: &Value,
+        ctx: &mut Context<Self>,
+    ) -> EventKind {
+        let first = self.seen_calls.get(&call_id).cloned().unwrap_or_default();
+        tracing::warn!(run_id = %self.id, trace_id = %self.record.trace_id, call_id, tool, first_tool = first, "tool call id used again; refused");
+        let span = tool_call_span(&self.spec.span, &tool, &call_id, args);
+        let message = ServerMessage::ToolResult {
+            call_id: call_id.clone(),
+            ok: false,
+            result: None,
+            error: Some(ToolError {
+                code: codes::DUPLICATE_CALL_ID.to_string(),
+                message: format!(
+                    "tool call id '{call_id}' was already used in this run (by a call of '{first}'); \
+                     give every call an id of its own"
+                ),
+            }),
+        };
+        self.send(message.clone());
+        self.settle(
+            call_id,
+            tool,
+            Duration::ZERO,
+            span,
+            message,
+            Some(codes::DUPLICATE_CALL_ID),
+            ctx,
+        )
+    }
+
     fn start_tool_call(
         &mut self,
         call_id: String,
@@ -1430,14 +1469,7 @@ impl RunActor {
         args: Value,
         ctx: &mut Context<Self>,
     ) {
-        if self
-            .seen_calls
-            .insert(call_id.clone(), tool.clone())
-            .is_some()
-        {
-            tracing::warn!(run_id = %self.id, trace_id = %self.record.trace_id, call_id, "duplicate tool call id; not executed again");
-            return;
-        }
+        self.seen_calls.insert(call_id.clone(), tool.clone());
         let span = tool_call_span(&self.spec.span, &tool, &call_id, &args);
         self.in_flight.insert(
             call_id.clone(),
@@ -1991,6 +2023,7 @@ impl Handler<ShimHello> for RunActor {
             mailbox: self.mailbox.clone(),
             last_seq: self.last_seq,
             span: self.spec.span.clone(),
+            calls_seen: self.seen_calls.keys().cloned().collect(),
         })
     }
 }

@@ -44,6 +44,9 @@ pub struct Attachment {
     pub last_seq: u64,
     /// The run's span, parent of the spans of the calls the connection answers itself.
     pub span: tracing::Span,
+    /// The ids of the tool calls the run has taken: a call that uses one again is the run
+    /// actor's to refuse, not the connection's to answer.
+    pub calls_seen: std::collections::HashSet<String>,
 }
 
 /// A frame from the shim on the run's current connection.

@@ -81,19 +81,22 @@ enum ToRun {
 /// Decides which tool calls a connection may answer on receipt instead of leaving them to the
 /// run actor: only calls the run has never seen. A frame whose sequence number is not the next
 /// one after what the run had taken (a resend, or a gap the run actor deals with) is left to
-/// the run actor, and so is a call the shim said, in its hello, it already has an answer to.
+/// the run actor, and so is a call whose id is known: one the run had taken when it accepted
+/// the shim, one the shim said in its hello it already has an answer to, or one that came
+/// earlier on this connection (an agent that uses an id twice gets the run actor's refusal).
 #[derive(Debug)]
 pub struct AnswerGate {
     next_seq: u64,
-    answered_before: HashSet<String>,
+    known_calls: HashSet<String>,
 }
 
 impl AnswerGate {
-    /// `last_seq`: the highest sequence number the run had taken when it accepted the shim.
-    pub fn new(last_seq: u64, answered_before: HashSet<String>) -> AnswerGate {
+    /// `last_seq`: the highest sequence number the run had taken when it accepted the shim;
+    /// `known_calls`: the ids of the calls the run had taken and those the shim has answers to.
+    pub fn new(last_seq: u64, known_calls: HashSet<String>) -> AnswerGate {
         AnswerGate {
             next_seq: last_seq + 1,
-            answered_before,
+            known_calls,
         }
     }
 
@@ -107,7 +110,10 @@ impl AnswerGate {
             return false;
         }
         self.next_seq += 1;
-        matches!(message, ShimMessage::ToolCall { call_id, .. } if !self.answered_before.contains(call_id))
+        match message {
+            ShimMessage::ToolCall { call_id, .. } => self.known_calls.insert(call_id.clone()),
+            _ => false,
+        }
     }
 }
 
@@ -309,7 +315,7 @@ impl SandboxConnection {
                 let run_deps = self.deps.run_deps.clone();
                 let secret = std::mem::take(&mut self.token);
                 let conn_id = self.id;
-                let answered_before: HashSet<String> =
+                let answered_before: Vec<String> =
                     answered_calls.iter().map(|a| a.call_id.clone()).collect();
                 let recipient = ctx.address().recipient();
                 ctx.wait(
@@ -349,7 +355,16 @@ impl SandboxConnection {
                     }
                     .into_actor(self)
                     .map(move |res, act, ctx| match res {
-                        Ok((run, Attachment { mailbox, last_seq, span })) => {
+                        Ok((
+                            run,
+                            Attachment {
+                                mailbox,
+                                last_seq,
+                                span,
+                                mut calls_seen,
+                            },
+                        )) => {
+                            calls_seen.extend(answered_before);
                             // The shim could send nothing while it waited for its welcome.
                             act.last_seen = Instant::now();
                             let (to_run, frames) = mpsc::unbounded_channel();
@@ -365,7 +380,7 @@ impl SandboxConnection {
                             act.stage = Stage::Attached {
                                 run_id,
                                 mailbox,
-                                gate: AnswerGate::new(last_seq, answered_before),
+                                gate: AnswerGate::new(last_seq, calls_seen),
                                 span,
                                 to_run,
                             };
@@ -708,7 +723,7 @@ mod tests {
 
     #[test]
     fn only_calls_new_to_the_run_may_be_answered_by_the_connection() {
-        let mut gate = AnswerGate::new(3, HashSet::from(["told".to_string()]));
+        let mut gate = AnswerGate::new(3, HashSet::from(["told".to_string(), "taken".to_string()]));
         // Resends of what the run took already.
         assert!(!gate.admit(&call(2, "a")));
         assert!(!gate.admit(&call(3, "b")));
@@ -720,16 +735,21 @@ mod tests {
             stream: LogStream::Stdout,
             line: "x".into()
         }));
-        // A call the shim has an answer to from before (its hello said so).
+        // A call the shim has an answer to from before (its hello said so), or one the run had
+        // taken before this connection.
         assert!(!gate.admit(&call(6, "told")));
+        assert!(!gate.admit(&call(7, "taken")));
         // Unsequenced frames change nothing; a gap is left to the run actor, and so is all after.
         assert!(!gate.admit(&ShimMessage::Heartbeat { at_ms: 1 }));
-        assert!(gate.admit(&call(7, "d")));
-        assert!(!gate.admit(&call(9, "e")));
-        assert!(!gate.admit(&call(10, "f")));
+        assert!(gate.admit(&call(8, "d")));
+        assert!(!gate.admit(&call(10, "e")));
+        assert!(!gate.admit(&call(11, "f")));
         // The same seq twice (a resend on this connection): only the first.
-        assert!(gate.admit(&call(8, "g")));
-        assert!(!gate.admit(&call(8, "g")));
+        assert!(gate.admit(&call(9, "g")));
+        assert!(!gate.admit(&call(9, "g")));
+        // An id used again in a new frame (the agent's mistake): left to the run actor.
+        assert!(!gate.admit(&call(10, "c")));
+        assert!(gate.admit(&call(11, "h")));
     }
 
     /// Keeps what it is sent.
