@@ -437,6 +437,53 @@ printf '{"type":"message","text":"still here"}\n'
     ledger.assert_contiguous();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_id_still_waiting_for_its_answer_is_refused_by_the_shim() {
+    let script = r#"
+read -r task
+printf '{"type":"tool_call","id":"c1","tool":"fs.read_file","args":{"path":"a"}}\n'
+printf '{"type":"tool_call","id":"c1","tool":"fs.list_dir","args":{"path":"."}}\n'
+read -r first
+case "$first" in *'"id":"c1"'*duplicate_call_id*) text=refused;; *) text="unexpected first: $first";; esac
+printf '{"type":"message","text":"%s"}\n' "$text"
+read -r second
+case "$second" in *'"ok":true'*) text=answered;; *) text="unexpected second: $second";; esac
+printf '{"type":"message","text":"%s"}\n' "$text"
+"#;
+    let (_cp, mut shim, mut conn) = start(script).await;
+    let mut ledger = Ledger::default();
+    let mut calls = Vec::new();
+    loop {
+        let msg = conn.recv().await;
+        ledger.record(&msg);
+        conn.ack(msg.seq().unwrap()).await;
+        if let ShimMessage::ToolCall { call_id, tool, .. } = &msg {
+            calls.push((call_id.clone(), tool.clone()));
+        }
+        if let ShimMessage::AgentEvent {
+            payload: AgentEventPayload::Message { text },
+            ..
+        } = &msg
+        {
+            assert_eq!(text, "refused");
+            break;
+        }
+    }
+    // Only the first call reached the control plane; the second was answered by the shim.
+    assert_eq!(calls, [("c1".to_string(), "fs.read_file".to_string())]);
+    assert!(ledger
+        .logs()
+        .iter()
+        .any(|(stream, line)| *stream == LogStream::Shim
+            && line.contains("tool call c1 (fs.list_dir) refused")));
+    // The first call still gets its own answer.
+    conn.send(&tool_result("c1")).await;
+    recv_until(&mut conn, &mut ledger, is_message("answered")).await;
+    serve_until_exited(&mut conn, &mut ledger).await;
+    assert_eq!(shim.wait(STEP).await.code(), Some(0));
+    ledger.assert_contiguous();
+}
+
 #[tokio::test]
 async fn missing_configuration_exits_2_naming_the_variable() {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_agent-shim"))

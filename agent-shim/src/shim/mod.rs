@@ -804,6 +804,26 @@ impl Shim {
             relay::classify(line.stream, line.line)
         };
         match relayed {
+            Relayed::ToolCall { call_id, tool, .. } if self.pending.is_pending(&call_id) => {
+                // Its answer could not be told from the first call's: refused here, not sent.
+                let message = format!(
+                    "tool call id '{call_id}' is already used by a call that waits for its answer; \
+                     give every call an id of its own"
+                );
+                self.push_note(format!(
+                    "agent-shim: tool call {call_id} ({tool}) refused: {message}"
+                ))
+                .await;
+                self.send_to_agent(&ToAgent::ToolResult {
+                    id: call_id,
+                    ok: false,
+                    result: None,
+                    error: Some(ToolError {
+                        code: "duplicate_call_id".into(),
+                        message,
+                    }),
+                });
+            }
             Relayed::ToolCall {
                 call_id,
                 tool,

@@ -159,6 +159,11 @@ impl PendingCalls {
         self.by_id.insert(call_id, (seq, tool));
     }
 
+    /// Whether a call with this id waits for its answer.
+    pub fn is_pending(&self, call_id: &str) -> bool {
+        self.by_id.contains_key(call_id)
+    }
+
     /// Marks a call answered; false if it was not pending (unknown or answered before).
     pub fn answer(&mut self, call_id: &str, ok: bool, error_code: Option<String>) -> bool {
         match self.by_id.remove(call_id) {
