@@ -96,6 +96,28 @@ fn signal_group(pgid: u32, signal: Signal) -> Result<(), ProviderError> {
 }
 
 impl LocalProvider {
+    /// The pid of a sandbox this provider started on this machine. A handle naming another
+    /// machine (a run adopted by a replica elsewhere) is refused: its pid means nothing here,
+    /// and signalling it would reach an unrelated process.
+    fn own_pid(&self, sandbox: &SandboxHandle) -> Result<u32, ProviderError> {
+        let pid = pid_of(sandbox)?;
+        if sandbox.remote_host != self.remote_host(pid) {
+            return Err(op_error(
+                "reach",
+                format!(
+                    "sandbox {} runs on '{}', not on this machine ('{}'); the local provider \
+                     reaches only its own machine's processes",
+                    sandbox.id, sandbox.remote_host, self.host
+                ),
+            ));
+        }
+        Ok(pid)
+    }
+
+    fn remote_host(&self, pid: u32) -> String {
+        format!("{} (pid {pid})", self.host)
+    }
+
     pub fn new(config: LocalConfig) -> Self {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
@@ -269,12 +291,12 @@ impl Provider for LocalProvider {
         self.children().insert(pid, Child { exit: rx, dir });
         Ok(SandboxHandle {
             id: pid.to_string(),
-            remote_host: format!("{} (pid {pid})", self.host),
+            remote_host: self.remote_host(pid),
         })
     }
 
     async fn wait(&self, sandbox: &SandboxHandle) -> Result<SandboxExit, ProviderError> {
-        let pid = pid_of(sandbox)?;
+        let pid = self.own_pid(sandbox)?;
         let watcher = self.children().get(&pid).map(|c| c.exit.clone());
         match watcher {
             Some(mut rx) => {
@@ -303,11 +325,11 @@ impl Provider for LocalProvider {
     }
 
     async fn stop(&self, sandbox: &SandboxHandle) -> Result<(), ProviderError> {
-        signal_group(pid_of(sandbox)?, Signal::SIGTERM)
+        signal_group(self.own_pid(sandbox)?, Signal::SIGTERM)
     }
 
     async fn kill(&self, sandbox: &SandboxHandle) -> Result<(), ProviderError> {
-        let pid = pid_of(sandbox)?;
+        let pid = self.own_pid(sandbox)?;
         let dir = self.dir_of(pid).await;
         if let Some(dir) = &dir {
             // The agent runs in its own group; the shim recorded its id.
@@ -338,7 +360,7 @@ impl Provider for LocalProvider {
         sandbox: &SandboxHandle,
         follow: bool,
     ) -> Result<LogStream, ProviderError> {
-        let pid = pid_of(sandbox)?;
+        let pid = self.own_pid(sandbox)?;
         let dir = self
             .dir_of(pid)
             .await
@@ -371,7 +393,7 @@ impl Provider for LocalProvider {
     }
 
     async fn usage(&self, sandbox: &SandboxHandle) -> Result<Option<Usage>, ProviderError> {
-        let pid = pid_of(sandbox)?;
+        let pid = self.own_pid(sandbox)?;
         let Some(dir) = self.dir_of(pid).await else {
             return Ok(None);
         };
@@ -424,7 +446,7 @@ impl Provider for LocalProvider {
                 found.push(SandboxInfo {
                     handle: SandboxHandle {
                         id: file.pid.to_string(),
-                        remote_host: format!("{} (pid {})", self.host, file.pid),
+                        remote_host: self.remote_host(file.pid),
                     },
                     labels: file.labels,
                     running: alive(file.pid),
@@ -492,5 +514,39 @@ mod tests {
         let status = "Name:\tsh\nVmRSS:\t    1234 kB\nThreads:\t1\n";
         assert_eq!(rss_bytes(status), Some(1234 * 1024));
         assert_eq!(rss_bytes("Name:\tsh\n"), None);
+    }
+
+    #[tokio::test]
+    async fn a_sandbox_on_another_machine_is_refused_not_signalled() {
+        let root = tempfile::tempdir().unwrap();
+        let provider = LocalProvider::new(LocalConfig {
+            shim_path: PathBuf::from("/nonexistent/agent-shim"),
+            work_root: root.path().to_path_buf(),
+            poll_interval: Duration::from_millis(10),
+        });
+        // This test's own process group: were it signalled, the test would die.
+        let own = nix::unistd::getpgrp().as_raw() as u32;
+        let elsewhere = SandboxHandle {
+            id: own.to_string(),
+            remote_host: format!("not-{} (pid {own})", provider.host),
+        };
+        let named = |err: ProviderError| {
+            let text = err.to_string();
+            assert!(
+                text.contains(&elsewhere.remote_host) && text.contains("not on this machine"),
+                "{text}"
+            );
+        };
+        named(provider.stop(&elsewhere).await.unwrap_err());
+        named(provider.kill(&elsewhere).await.unwrap_err());
+        named(provider.wait(&elsewhere).await.unwrap_err());
+        named(provider.usage(&elsewhere).await.unwrap_err());
+        named(provider.logs(&elsewhere, false).await.err().unwrap());
+        // The same pid named on this machine is this provider's to reach: polled, not refused.
+        let here = SandboxHandle {
+            id: own.to_string(),
+            remote_host: provider.remote_host(own),
+        };
+        assert_eq!(provider.own_pid(&here).unwrap(), own);
     }
 }
