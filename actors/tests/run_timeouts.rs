@@ -39,6 +39,18 @@ enum SpawnMode {
 struct ScriptedProvider {
     mode: Arc<Mutex<SpawnMode>>,
     kills: Arc<AtomicUsize>,
+    sandboxes: Arc<Sandboxes>,
+}
+
+/// What the scripted provider was asked about its sandboxes; their end, on demand.
+#[derive(Default)]
+struct Sandboxes {
+    /// The sandbox ids `wait` was called for, in order.
+    waited: Mutex<Vec<String>>,
+    /// The sandbox ids `usage` was called for, in order.
+    usage_read: Mutex<Vec<String>>,
+    /// Ends every sandbox being waited for (no exit code: it vanished).
+    end: tokio::sync::Notify,
 }
 
 #[async_trait]
@@ -64,8 +76,19 @@ impl Provider for ScriptedProvider {
             SpawnMode::Panic => panic!("backend blew up"),
         }
     }
-    async fn wait(&self, _: &SandboxHandle) -> Result<SandboxExit, ProviderError> {
-        std::future::pending().await
+    async fn wait(&self, sandbox: &SandboxHandle) -> Result<SandboxExit, ProviderError> {
+        let end = self.sandboxes.end.notified();
+        self.sandboxes
+            .waited
+            .lock()
+            .unwrap()
+            .push(sandbox.id.clone());
+        end.await;
+        Ok(SandboxExit {
+            code: None,
+            signal: None,
+            oom_killed: false,
+        })
     }
     async fn stop(&self, _: &SandboxHandle) -> Result<(), ProviderError> {
         Ok(())
@@ -77,7 +100,12 @@ impl Provider for ScriptedProvider {
     async fn logs(&self, _: &SandboxHandle, _: bool) -> Result<LogStream, ProviderError> {
         Ok(Box::pin(futures_util::stream::empty()))
     }
-    async fn usage(&self, _: &SandboxHandle) -> Result<Option<Usage>, ProviderError> {
+    async fn usage(&self, sandbox: &SandboxHandle) -> Result<Option<Usage>, ProviderError> {
+        self.sandboxes
+            .usage_read
+            .lock()
+            .unwrap()
+            .push(sandbox.id.clone());
         Ok(None)
     }
     async fn list(&self, _: &BTreeMap<String, String>) -> Result<Vec<SandboxInfo>, ProviderError> {
@@ -168,6 +196,7 @@ struct Harness {
     deps: RunDeps,
     mode: Arc<Mutex<SpawnMode>>,
     kills: Arc<AtomicUsize>,
+    sandboxes: Arc<Sandboxes>,
     router: Addr<ProviderRouter>,
 }
 
@@ -175,7 +204,8 @@ fn harness(mode: SpawnMode) -> Harness {
     let store = Arc::new(MemoryStore::new());
     let mode = Arc::new(Mutex::new(mode));
     let kills = Arc::new(AtomicUsize::new(0));
-    let (m, k) = (mode.clone(), kills.clone());
+    let sandboxes = Arc::new(Sandboxes::default());
+    let (m, k, sb) = (mode.clone(), kills.clone(), sandboxes.clone());
     let spec = ProviderSpec {
         name: "scripted".into(),
         kind: "scripted".into(),
@@ -183,6 +213,7 @@ fn harness(mode: SpawnMode) -> Harness {
             Ok(Arc::new(ScriptedProvider {
                 mode: m.clone(),
                 kills: k.clone(),
+                sandboxes: sb.clone(),
             }) as Arc<dyn Provider>)
         }),
         default_resources: Resources::default(),
@@ -220,6 +251,7 @@ fn harness(mode: SpawnMode) -> Harness {
         deps,
         mode,
         kills,
+        sandboxes,
         router,
     }
 }
@@ -725,6 +757,153 @@ async fn an_adopted_run_whose_sandbox_handle_is_stored_late_names_it() {
     }
     assert_eq!(record.sandbox_id.as_deref(), Some("sandbox-7"));
     assert_eq!(record.remote_host.as_deref(), Some("host-7"));
+    // Its creator never stored the sandbox's creation (its spawn call had not returned); the
+    // adopter does, once.
+    assert_eq!(
+        sandboxes_created(&h, id).await,
+        [("sandbox-7".to_string(), "host-7".to_string())]
+    );
+}
+
+#[actix_rt::test]
+async fn a_sandbox_that_comes_up_after_its_run_moved_to_another_replica_stays_with_the_run() {
+    tokio::time::pause();
+    let h = harness(SpawnMode::Slow);
+    let (id, run) = h.launch(None).await;
+    h.advance_until(id, RunState::Provisioning, Duration::from_secs(1))
+        .await;
+    h.store
+        .put_blob(
+            &::actors::run::StoredSpec::blob_key(id),
+            &serde_json::to_vec(&::actors::run::StoredSpec {
+                image: None,
+                bundle: test_bundle(),
+                env: BTreeMap::new(),
+                traceparent: TRACEPARENT.into(),
+            })
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    // The shim called back to another replica while this one's spawn call had not returned.
+    let other = RunDeps {
+        registry: RunRegistry::default(),
+        settings: Arc::new(RunSettings {
+            replica_id: "other-replica".into(),
+            ..(*h.deps.settings).clone()
+        }),
+        ..h.deps.clone()
+    };
+    ::actors::run::adopt(id, &other, ::actors::store::Claim::Takeover)
+        .await
+        .unwrap()
+        .expect("the run is adopted");
+    // This replica learns it no longer drives the run at its next write (a shim's hello that
+    // reached it late), and its actor stops.
+    let _inbox = connect(&run, 1).await;
+    for _ in 0..50 {
+        if !run.connected() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!run.connected(), "the superseded actor stopped");
+    // The spawn call returns (after ten seconds) to a replica that no longer drives the run.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert_eq!(
+        h.kills.load(Ordering::SeqCst),
+        0,
+        "the sandbox of a run driven elsewhere is not removed"
+    );
+    let record = h.state(id).await;
+    assert!(!record.state.is_terminal(), "{}", record.state);
+    assert_eq!(
+        record.sandbox_id.as_deref(),
+        Some(id.to_string().as_str()),
+        "the new owner found the sandbox"
+    );
+}
+
+/// The `sandbox_created` events of run `id`: (sandbox id, host).
+async fn sandboxes_created(h: &Harness, id: Uuid) -> Vec<(String, String)> {
+    h.events(id, |kind| match kind {
+        ::actors::model::EventKind::SandboxCreated {
+            sandbox_id,
+            remote_host,
+        } => Some((sandbox_id, remote_host)),
+        _ => None,
+    })
+    .await
+}
+
+#[actix_rt::test]
+async fn an_adopted_run_follows_its_sandbox_to_its_end_and_reads_its_usage() {
+    tokio::time::pause();
+    let h = harness(SpawnMode::Succeed);
+    let (id, run) = h.launch(None).await;
+    h.advance_until(id, RunState::Starting, Duration::from_secs(1))
+        .await;
+    let _inbox = connect(&run, 1).await;
+    h.advance_until(id, RunState::Running, Duration::from_secs(1))
+        .await;
+    let sandbox = id.to_string();
+    assert_eq!(
+        *h.sandboxes.waited.lock().unwrap(),
+        std::slice::from_ref(&sandbox)
+    );
+    h.store
+        .put_blob(
+            &::actors::run::StoredSpec::blob_key(id),
+            &serde_json::to_vec(&::actors::run::StoredSpec {
+                image: None,
+                bundle: test_bundle(),
+                env: BTreeMap::new(),
+                traceparent: TRACEPARENT.into(),
+            })
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    // Another replica takes the running run over (its shim called back there); that replica
+    // reads usage every ten seconds, this one never.
+    let other = RunDeps {
+        registry: RunRegistry::default(),
+        settings: Arc::new(RunSettings {
+            replica_id: "other-replica".into(),
+            usage_interval: Duration::from_secs(10),
+            ..(*h.deps.settings).clone()
+        }),
+        ..h.deps.clone()
+    };
+    ::actors::run::adopt(id, &other, ::actors::store::Claim::Takeover)
+        .await
+        .unwrap()
+        .expect("the run is adopted");
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    assert_eq!(
+        *h.sandboxes.waited.lock().unwrap(),
+        [sandbox.clone(), sandbox.clone()],
+        "the adopter waits for the sandbox too"
+    );
+    assert!(
+        h.sandboxes.usage_read.lock().unwrap().contains(&sandbox),
+        "the adopter reads the sandbox's usage"
+    );
+    // The sandbox goes away without a word from its shim: the adopter ends the run.
+    h.sandboxes.end.notify_waiters();
+    let done = h
+        .advance_until(id, RunState::Failed, Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        done.failure.map(|f| f.kind),
+        Some(FailureKind::SandboxVanished)
+    );
+    assert!(done.owner.contains("other-replica"), "{}", done.owner);
+    // The creator had stored the sandbox's creation: the adopter does not repeat it.
+    assert_eq!(
+        sandboxes_created(&h, id).await,
+        [(sandbox, "scripted-host".to_string())]
+    );
 }
 
 #[actix_rt::test]

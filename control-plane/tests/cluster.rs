@@ -502,10 +502,19 @@ async fn a_redis_restart_with_runs_in_flight_converges_without_leaks() {
     for i in 0..4 {
         ids.push(cluster.start_run_on(i % 2, "caller", "call").await.id);
     }
-    // The local provider's sandbox id is the shim's process id.
+    // The local provider's sandbox id is the shim's process id. A run whose shim called back to
+    // the other replica before the spawn call returned runs there before its record names the
+    // sandbox (the new owner finds the handle the spawning replica stores).
     let mut pids = Vec::new();
     for id in &ids {
-        let running = cluster.wait_state_on(0, *id, RunState::Running, WAIT).await;
+        let running = cluster
+            .wait_for_on(
+                0,
+                *id,
+                |r| r.state == RunState::Running && r.sandbox_id.is_some(),
+                WAIT,
+            )
+            .await;
         let sandbox = running.sandbox_id.expect("sandbox id of a running run");
         pids.push(sandbox.parse::<u32>().expect("a process id"));
     }

@@ -482,6 +482,9 @@ pub(crate) struct Adoption {
     pub seen_calls: HashMap<String, String>,
     /// Tool calls whose result the history shows.
     pub recorded_results: HashSet<String>,
+    /// Whether the history shows the sandbox's creation (its creator may have been fenced out
+    /// before it could store it: a shim that called back elsewhere at once).
+    pub sandbox_recorded: bool,
 }
 
 /// A tool call being executed.
@@ -531,6 +534,8 @@ pub struct RunActor {
     answered_elsewhere: HashMap<String, AnsweredCall>,
     /// Calls whose result is in the history (or queued for it).
     recorded_results: HashSet<String>,
+    /// Whether the run's history has its `sandbox_created` event.
+    sandbox_recorded: bool,
     /// Open while the sandbox is up but the shim has not called back yet.
     waiting_span: Option<tracing::Span>,
     /// Open from a stop or kill request until the run ends.
@@ -632,6 +637,7 @@ impl RunActor {
                 seen_calls: HashMap::new(),
                 answered_elsewhere: HashMap::new(),
                 recorded_results: HashSet::new(),
+                sandbox_recorded: false,
                 held_exit: None,
                 waiting_span: None,
                 ending_span: None,
@@ -669,6 +675,7 @@ impl RunActor {
         self.agent_started = matches!(state, RunState::Running | RunState::Stopping);
         self.seen_calls = adopted.seen_calls;
         self.recorded_results = adopted.recorded_results;
+        self.sandbox_recorded = adopted.sandbox_recorded;
     }
 
     fn timeouts(&self) -> RunTimeouts {
@@ -944,9 +951,21 @@ impl RunActor {
                     }
                 }
                 if let Err(err) = addr.send(SpawnDone(res.clone())).await {
-                    tracing::debug!(run_id = %run_id, error = %err, "run gone before its sandbox came up");
+                    tracing::debug!(run_id = %run_id, error = %err, "run actor gone before its sandbox came up");
                     if let Ok(sandbox) = res {
-                        remove_late_sandbox(router, provider, run_id, sandbox).await;
+                        // Gone because the run ended: remove the sandbox. Gone because the run
+                        // moved to another replica (its shim may be connected there already):
+                        // the sandbox is the run's, found by its new owner through the handle
+                        // stored above.
+                        match store.get_run(run_id).await {
+                            Ok(Some(record)) if !record.state.is_terminal() => {
+                                tracing::info!(run_id = %run_id, sandbox = %sandbox.id, owner = %record.owner, "the run moved to another replica while its sandbox came up; the sandbox stays with the run");
+                            }
+                            Ok(_) => remove_late_sandbox(router, provider, run_id, sandbox).await,
+                            Err(err) => {
+                                tracing::warn!(run_id = %run_id, sandbox = %sandbox.id, error = %err, "could not tell whether the run ended; its sandbox is left to the reconciler");
+                            }
+                        }
                     }
                 }
             },
@@ -1077,6 +1096,7 @@ impl RunActor {
                 self.record.remote_host = Some(handle.remote_host.clone());
                 self.sandbox = Some(handle.clone());
                 let terminal = self.phase.state.is_terminal();
+                self.sandbox_recorded = true;
                 self.record_events(
                     vec![EventKind::SandboxCreated {
                         sandbox_id: handle.id.clone(),
@@ -1172,6 +1192,28 @@ impl RunActor {
         });
     }
 
+    /// An adopted run follows its sandbox as the replica that spawned it did: its end (exit
+    /// code, OOM kill) and its resource usage. Its output so far was stored by that replica.
+    /// The history gets the sandbox's creation if its creator could not store it.
+    fn follow_adopted_sandbox(&mut self, handle: SandboxHandle, ctx: &mut Context<Self>) {
+        if !self.sandbox_recorded {
+            self.sandbox_recorded = true;
+            tracing::info!(run_id = %self.id, trace_id = %self.record.trace_id, sandbox = %handle.id, "recording the adopted run's sandbox, which its creator did not");
+            self.record_events(
+                vec![EventKind::SandboxCreated {
+                    sandbox_id: handle.id.clone(),
+                    remote_host: handle.remote_host.clone(),
+                }],
+                ctx,
+            );
+        }
+        if self.phase.state.is_terminal() {
+            return;
+        }
+        self.watch_sandbox(handle, ctx);
+        self.poll_usage(ctx);
+    }
+
     fn sandbox_ended(&mut self, code: Option<i32>, oom_killed: bool, ctx: &mut Context<Self>) {
         // The provider may report the end a moment before the shim's last frames are handled;
         // give in-flight frames a short while to land before classifying.
@@ -1222,8 +1264,9 @@ impl RunActor {
                             tracing::info!(run_id = %act.id, trace_id = %act.record.trace_id, sandbox = %handle.id, "adopted run's sandbox found");
                             act.record.sandbox_id = Some(handle.id.clone());
                             act.record.remote_host = Some(handle.remote_host.clone());
-                            act.sandbox = Some(handle);
+                            act.sandbox = Some(handle.clone());
                             act.persist(Vec::new(), ctx);
+                            act.follow_adopted_sandbox(handle, ctx);
                         }
                         Some(_) => {}
                         None => {
@@ -1747,8 +1790,12 @@ impl Actor for RunActor {
             tracing::info!(run_id = %self.id, trace_id = %self.record.trace_id, state = %self.phase.state, fence = self.lease.fence, "run adopted");
             self.apply(Input::Adopted, ctx);
             self.check_commands(ctx);
-            if self.sandbox.is_none() && self.phase.state != RunState::Pending {
-                self.look_for_sandbox(SANDBOX_LOOKUPS, ctx);
+            match self.sandbox.clone() {
+                Some(handle) => self.follow_adopted_sandbox(handle, ctx),
+                None if self.phase.state != RunState::Pending => {
+                    self.look_for_sandbox(SANDBOX_LOOKUPS, ctx)
+                }
+                None => {}
             }
         } else {
             self.apply(Input::Start, ctx);

@@ -96,6 +96,7 @@ pub async fn adopt(
     let last_seq = store.last_seq(id).await?;
     let mut seen_calls = HashMap::new();
     let mut recorded_results = HashSet::new();
+    let mut sandbox_recorded = false;
     let mut history = store.events(id, 0, false).await?;
     while let Some(event) = history.next().await {
         match event?.kind {
@@ -105,6 +106,7 @@ pub async fn adopt(
             EventKind::ToolResult { call_id, .. } => {
                 recorded_results.insert(call_id);
             }
+            EventKind::SandboxCreated { .. } => sandbox_recorded = true,
             _ => {}
         }
     }
@@ -127,6 +129,7 @@ pub async fn adopt(
             last_seq,
             seen_calls,
             recorded_results,
+            sandbox_recorded,
         },
     );
     Ok(Some(addr))
