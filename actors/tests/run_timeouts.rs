@@ -257,6 +257,42 @@ fn harness(mode: SpawnMode) -> Harness {
 }
 
 impl Harness {
+    /// Stores the spec an adopting replica needs (the API stores it; this harness starts the
+    /// actor directly).
+    async fn store_spec(&self, id: Uuid) {
+        let spec = ::actors::run::StoredSpec {
+            image: None,
+            bundle: test_bundle(),
+            env: BTreeMap::new(),
+            traceparent: TRACEPARENT.into(),
+        };
+        self.store
+            .put_blob(
+                &::actors::run::StoredSpec::blob_key(id),
+                &serde_json::to_vec(&spec).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Another replica, sharing this one's store and providers, takes run `id` over (its shim
+    /// called back there); it reads usage every `usage_interval` (zero: never).
+    async fn take_over_elsewhere(&self, id: Uuid, usage_interval: Duration) {
+        let other = RunDeps {
+            registry: RunRegistry::default(),
+            settings: Arc::new(RunSettings {
+                replica_id: "other-replica".into(),
+                usage_interval,
+                ..(*self.deps.settings).clone()
+            }),
+            ..self.deps.clone()
+        };
+        ::actors::run::adopt(id, &other, ::actors::store::Claim::Takeover)
+            .await
+            .unwrap()
+            .expect("the run is adopted");
+    }
+
     /// What `pick` takes from the run's stored events, in order.
     async fn events<T>(
         &self,
@@ -705,34 +741,10 @@ async fn an_adopted_run_whose_sandbox_handle_is_stored_late_names_it() {
     let (id, _run) = h.launch(None).await;
     h.advance_until(id, RunState::Provisioning, Duration::from_secs(1))
         .await;
-    // The API stores the spec an adopter needs; this harness starts the actor directly.
-    let spec = ::actors::run::StoredSpec {
-        image: None,
-        bundle: test_bundle(),
-        env: BTreeMap::new(),
-        traceparent: TRACEPARENT.into(),
-    };
-    h.store
-        .put_blob(
-            &::actors::run::StoredSpec::blob_key(id),
-            &serde_json::to_vec(&spec).unwrap(),
-        )
-        .await
-        .unwrap();
+    h.store_spec(id).await;
     // Another replica takes the run over (its shim called back there) while this one's spawn
     // call has not returned: no handle is stored yet.
-    let other = RunDeps {
-        registry: RunRegistry::default(),
-        settings: Arc::new(RunSettings {
-            replica_id: "other-replica".into(),
-            ..(*h.deps.settings).clone()
-        }),
-        ..h.deps.clone()
-    };
-    ::actors::run::adopt(id, &other, ::actors::store::Claim::Takeover)
-        .await
-        .unwrap()
-        .expect("the run is adopted");
+    h.take_over_elsewhere(id, Duration::ZERO).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(h.state(id).await.sandbox_id, None);
     // The spawning replica stores the handle once its spawn call returns.
@@ -772,32 +784,9 @@ async fn a_sandbox_that_comes_up_after_its_run_moved_to_another_replica_stays_wi
     let (id, run) = h.launch(None).await;
     h.advance_until(id, RunState::Provisioning, Duration::from_secs(1))
         .await;
-    h.store
-        .put_blob(
-            &::actors::run::StoredSpec::blob_key(id),
-            &serde_json::to_vec(&::actors::run::StoredSpec {
-                image: None,
-                bundle: test_bundle(),
-                env: BTreeMap::new(),
-                traceparent: TRACEPARENT.into(),
-            })
-            .unwrap(),
-        )
-        .await
-        .unwrap();
+    h.store_spec(id).await;
     // The shim called back to another replica while this one's spawn call had not returned.
-    let other = RunDeps {
-        registry: RunRegistry::default(),
-        settings: Arc::new(RunSettings {
-            replica_id: "other-replica".into(),
-            ..(*h.deps.settings).clone()
-        }),
-        ..h.deps.clone()
-    };
-    ::actors::run::adopt(id, &other, ::actors::store::Claim::Takeover)
-        .await
-        .unwrap()
-        .expect("the run is adopted");
+    h.take_over_elsewhere(id, Duration::ZERO).await;
     // This replica learns it no longer drives the run at its next write (a shim's hello that
     // reached it late), and its actor stops.
     let _inbox = connect(&run, 1).await;
@@ -851,34 +840,10 @@ async fn an_adopted_run_follows_its_sandbox_to_its_end_and_reads_its_usage() {
         *h.sandboxes.waited.lock().unwrap(),
         std::slice::from_ref(&sandbox)
     );
-    h.store
-        .put_blob(
-            &::actors::run::StoredSpec::blob_key(id),
-            &serde_json::to_vec(&::actors::run::StoredSpec {
-                image: None,
-                bundle: test_bundle(),
-                env: BTreeMap::new(),
-                traceparent: TRACEPARENT.into(),
-            })
-            .unwrap(),
-        )
-        .await
-        .unwrap();
+    h.store_spec(id).await;
     // Another replica takes the running run over (its shim called back there); that replica
     // reads usage every ten seconds, this one never.
-    let other = RunDeps {
-        registry: RunRegistry::default(),
-        settings: Arc::new(RunSettings {
-            replica_id: "other-replica".into(),
-            usage_interval: Duration::from_secs(10),
-            ..(*h.deps.settings).clone()
-        }),
-        ..h.deps.clone()
-    };
-    ::actors::run::adopt(id, &other, ::actors::store::Claim::Takeover)
-        .await
-        .unwrap()
-        .expect("the run is adopted");
+    h.take_over_elsewhere(id, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_secs(25)).await;
     assert_eq!(
         *h.sandboxes.waited.lock().unwrap(),

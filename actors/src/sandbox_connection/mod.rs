@@ -797,6 +797,14 @@ mod tests {
         }
     }
 
+    /// The end of connection 7.
+    fn gone() -> ToRun {
+        ToRun::Gone(ShimGone {
+            conn_id: 7,
+            reason: "closed".into(),
+        })
+    }
+
     fn frame(seq: u64) -> ToRun {
         ToRun::Frame(ShimFrame {
             conn_id: 7,
@@ -818,12 +826,7 @@ mod tests {
         for seq in 1..=frames {
             to_run.send(frame(seq)).unwrap();
         }
-        to_run
-            .send(ToRun::Gone(ShimGone {
-                conn_id: 7,
-                reason: "closed".into(),
-            }))
-            .unwrap();
+        to_run.send(gone()).unwrap();
         drop(to_run);
         let inbox = RunInbox {
             frames: run.clone().recipient(),
@@ -915,12 +918,7 @@ mod tests {
 
         // The connection's end takes the held ones along, then ends the hand-off.
         to_run.send(answered(6 + HOLD_MAX as u64)).unwrap();
-        to_run
-            .send(ToRun::Gone(ShimGone {
-                conn_id: 7,
-                reason: "closed".into(),
-            }))
-            .unwrap();
+        to_run.send(gone()).unwrap();
         drop(to_run);
         handing.await.unwrap();
         let (seqs, gone, to_shim) = seen(run.clone()).await;
