@@ -397,18 +397,16 @@ impl Provider for LocalProvider {
         let Some(dir) = self.dir_of(pid).await else {
             return Ok(None);
         };
-        let mut total = 0u64;
-        let mut pids = vec![pid];
+        // The shim leads one process group, the agent (and whatever it starts) another.
+        let mut groups = vec![pid];
         if let Ok(text) = tokio::fs::read_to_string(dir.join("work").join("agent.pid")).await {
             if let Ok(agent) = text.trim().parse::<u32>() {
-                pids.push(agent);
+                groups.push(agent);
             }
         }
-        for p in pids {
-            if let Ok(status) = tokio::fs::read_to_string(format!("/proc/{p}/status")).await {
-                total += rss_bytes(&status).unwrap_or(0);
-            }
-        }
+        let total = groups_rss(&groups)
+            .await
+            .map_err(|err| op_error("usage", format!("cannot read /proc: {err}")))?;
         Ok(Some(Usage {
             memory_bytes: Some(total),
             reported_at: Some(chrono::Utc::now()),
@@ -492,6 +490,39 @@ fn parse_log_line(raw: &str) -> ProviderLogLine {
     }
 }
 
+/// Resident memory of every process in the process groups `groups`, in bytes.
+async fn groups_rss(groups: &[u32]) -> std::io::Result<u64> {
+    let mut total = 0;
+    let mut entries = tokio::fs::read_dir("/proc").await?;
+    while let Some(entry) = entries.next_entry().await? {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process may end between the listing and the reads: it no longer counts.
+        let Ok(stat) = tokio::fs::read_to_string(format!("/proc/{pid}/stat")).await else {
+            continue;
+        };
+        if !stat_group(&stat).is_some_and(|group| groups.contains(&group)) {
+            continue;
+        }
+        if let Ok(status) = tokio::fs::read_to_string(format!("/proc/{pid}/status")).await {
+            total += rss_bytes(&status).unwrap_or(0);
+        }
+    }
+    Ok(total)
+}
+
+/// The process group in a `/proc/<pid>/stat` line (the third field after the command name,
+/// which is in parentheses and may hold anything).
+fn stat_group(stat: &str) -> Option<u32> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(2)?.parse().ok()
+}
+
 fn rss_bytes(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -514,6 +545,62 @@ mod tests {
         let status = "Name:\tsh\nVmRSS:\t    1234 kB\nThreads:\t1\n";
         assert_eq!(rss_bytes(status), Some(1234 * 1024));
         assert_eq!(rss_bytes("Name:\tsh\n"), None);
+    }
+
+    #[test]
+    fn the_group_is_read_from_a_stat_line_whatever_the_command_name() {
+        assert_eq!(
+            stat_group("42 (a) b (c) S 1 4242 4242 0 -1 4194560 ..."),
+            Some(4242)
+        );
+        assert_eq!(stat_group("7 (sh) R 1 7 7 0"), Some(7));
+        assert_eq!(stat_group("7 (sh"), None);
+    }
+
+    #[tokio::test]
+    async fn usage_counts_every_process_of_the_groups() {
+        use std::os::unix::process::CommandExt;
+        let rss = |pid: u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|status| rss_bytes(&status))
+                .unwrap_or(0)
+        };
+        // A group leader that starts two more processes of the group.
+        let mut leader = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & sleep 30 & wait"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let group = leader.id();
+        let mut counted = (0, 0);
+        for _ in 0..100 {
+            let children: Vec<u32> =
+                std::fs::read_to_string(format!("/proc/{group}/task/{group}/children"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|pid| pid.parse().ok())
+                    .collect();
+            // Counted once both children run `sleep` (their memory no longer changes).
+            let sleeping = children.len() == 2
+                && children.iter().all(|pid| {
+                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .is_ok_and(|comm| comm.trim() == "sleep")
+                });
+            if sleeping {
+                let expected = rss(group) + children.iter().map(|pid| rss(*pid)).sum::<u64>();
+                counted = (groups_rss(&[group]).await.unwrap(), expected);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        signal_group(group, Signal::SIGKILL).unwrap();
+        leader.wait().unwrap();
+        let (seen, expected) = counted;
+        assert!(expected > 0, "the group never came up");
+        assert_eq!(seen, expected, "the leader and both children, nothing else");
+        // A group nobody is in holds nothing.
+        assert_eq!(groups_rss(&[u32::MAX - 1]).await.unwrap(), 0);
     }
 
     #[tokio::test]
