@@ -331,6 +331,14 @@ impl Harness {
         }
     }
 
+    /// [`Harness::launch`], then the paused clock advanced until the sandbox is up.
+    async fn launch_started(&self, timeout_s: Option<u64>) -> (Uuid, Addr<RunActor>) {
+        let (id, run) = self.launch(timeout_s).await;
+        self.advance_until(id, RunState::Starting, Duration::from_secs(1))
+            .await;
+        (id, run)
+    }
+
     async fn launch(&self, timeout_s: Option<u64>) -> (Uuid, Addr<RunActor>) {
         let id = Uuid::new_v4();
         let now = chrono::Utc::now();
@@ -488,9 +496,7 @@ async fn startup_timeout_when_the_sandbox_is_never_created() {
 async fn unreachable_callback_when_the_sandbox_never_connects() {
     tokio::time::pause();
     let h = harness(SpawnMode::Succeed);
-    let (id, _) = h.launch(None).await;
-    h.advance_until(id, RunState::Starting, Duration::from_secs(1))
-        .await;
+    let (id, _) = h.launch_started(None).await;
     let record = h
         .advance_until(id, RunState::Failed, Duration::from_secs(61))
         .await;
@@ -505,9 +511,7 @@ async fn unreachable_callback_when_the_sandbox_never_connects() {
 async fn idle_timeout_stops_then_fails_idle_timeout() {
     tokio::time::pause();
     let h = harness(SpawnMode::Succeed);
-    let (id, run) = h.launch(None).await;
-    h.advance_until(id, RunState::Starting, Duration::from_secs(1))
-        .await;
+    let (id, run) = h.launch_started(None).await;
     let inbox = connect(&run, 1).await;
     h.advance_until(id, RunState::Running, Duration::from_secs(1))
         .await;
@@ -594,9 +598,7 @@ async fn run_ttl_is_not_reset_by_activity() {
 async fn a_call_the_shim_already_has_an_answer_to_is_recorded_not_executed_again() {
     tokio::time::pause();
     let h = harness(SpawnMode::Succeed);
-    let (id, run) = h.launch(None).await;
-    h.advance_until(id, RunState::Starting, Duration::from_secs(1))
-        .await;
+    let (id, run) = h.launch_started(None).await;
     // The replica that answered c1 stopped before recording it; the shim says so on its hello
     // to this one and resends the call's frame (never acked).
     let inbox = connect_resuming(
@@ -649,9 +651,7 @@ async fn a_call_the_connection_answered_is_recorded_not_executed_or_answered_aga
     use ::actors::run::messages::AnsweredHere;
     tokio::time::pause();
     let h = harness(SpawnMode::Succeed);
-    let (id, run) = h.launch(None).await;
-    h.advance_until(id, RunState::Starting, Duration::from_secs(1))
-        .await;
+    let (id, run) = h.launch_started(None).await;
     let inbox = connect(&run, 1).await;
     let answered = |call: &str| {
         Some(Box::new(AnsweredHere {
@@ -829,9 +829,7 @@ async fn sandboxes_created(h: &Harness, id: Uuid) -> Vec<(String, String)> {
 async fn an_adopted_run_follows_its_sandbox_to_its_end_and_reads_its_usage() {
     tokio::time::pause();
     let h = harness(SpawnMode::Succeed);
-    let (id, run) = h.launch(None).await;
-    h.advance_until(id, RunState::Starting, Duration::from_secs(1))
-        .await;
+    let (id, run) = h.launch_started(None).await;
     let _inbox = connect(&run, 1).await;
     h.advance_until(id, RunState::Running, Duration::from_secs(1))
         .await;
@@ -875,9 +873,7 @@ async fn an_adopted_run_follows_its_sandbox_to_its_end_and_reads_its_usage() {
 async fn a_tool_call_timeout_answers_the_agent_and_the_run_goes_on() {
     tokio::time::pause();
     let h = harness(SpawnMode::Succeed);
-    let (id, run) = h.launch(None).await;
-    h.advance_until(id, RunState::Starting, Duration::from_secs(1))
-        .await;
+    let (id, run) = h.launch_started(None).await;
     let inbox = connect(&run, 1).await;
     send_call(&run, 1, "c1", "slow", None).await;
     tokio::time::sleep(Duration::from_secs(31)).await;
@@ -903,9 +899,7 @@ async fn a_tool_call_timeout_answers_the_agent_and_the_run_goes_on() {
 async fn a_shim_that_does_not_come_back_fails_connection_lost() {
     tokio::time::pause();
     let h = harness(SpawnMode::Succeed);
-    let (id, run) = h.launch(None).await;
-    h.advance_until(id, RunState::Starting, Duration::from_secs(1))
-        .await;
+    let (id, run) = h.launch_started(None).await;
     connect(&run, 1).await;
     run.send(ShimGone {
         conn_id: 1,
@@ -927,9 +921,7 @@ async fn a_shim_that_does_not_come_back_fails_connection_lost() {
 async fn a_resumed_shim_resends_and_duplicates_are_dropped() {
     tokio::time::pause();
     let h = harness(SpawnMode::Succeed);
-    let (id, run) = h.launch(None).await;
-    h.advance_until(id, RunState::Starting, Duration::from_secs(1))
-        .await;
+    let (id, run) = h.launch_started(None).await;
     connect(&run, 1).await;
     let msg = |seq: u64, text: &str| ShimMessage::AgentEvent {
         seq,
