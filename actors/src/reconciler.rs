@@ -22,11 +22,12 @@ use opentelemetry::KeyValue;
 use serde::Serialize;
 
 use crate::metrics::{attr, Metrics};
-use crate::model::{EventKind, Failure, FailureKind, RunId, RunRecord, RunState, Termination};
+use crate::model::{Failure, FailureKind, RunId, RunRecord, RunState, Termination};
 use crate::provider::{labels, SandboxInfo};
 use crate::router::{KillSandbox, ListProviders, ListSandboxes, ProviderRouter};
-use crate::run::{provider_slot, RunRegistry};
-use crate::store::{Claim, ClaimOutcome, Lease, RunFilter, RunStore, RunWrite, StoreError};
+use crate::run::actor::{final_write, wind_up};
+use crate::run::{RunRegistry, DEFAULT_EVIDENCE_LINES};
+use crate::store::{Claim, ClaimOutcome, Lease, RunFilter, RunStore, StoreError};
 
 /// What to do with one labelled sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -359,29 +360,15 @@ async fn fail_vanished(
     );
     record.state = RunState::Failed;
     record.state_times.insert(RunState::Failed, Utc::now());
-    record.failure = Some(failure.clone());
+    record.failure = Some(failure);
     record.termination = Some(Termination::Failed);
     record.owner = lease.replica.clone();
-    let provider = record.provider.clone();
-    store
-        .write_run(
-            lease,
-            RunWrite {
-                events: vec![EventKind::StateChanged {
-                    from,
-                    to: RunState::Failed,
-                    failure: Some(failure),
-                }],
-                release_slot: Some(provider_slot(&provider)),
-                record: Some(record),
-                ..RunWrite::default()
-            },
-        )
-        .await?;
-    store.revoke_tokens(id).await?;
-    store.close_logs(id).await?;
-    store.release_run(lease).await?;
-    tracing::debug!(run_id = %id, provider, "run failed as vanished");
+    let last = final_write(store, from, &mut record, DEFAULT_EVIDENCE_LINES).await;
+    store.write_run(lease, last).await?;
+    if let Some((_, err)) = wind_up(store, lease).await.into_iter().next() {
+        return Err(err);
+    }
+    tracing::debug!(run_id = %id, provider = %record.provider, "run failed as vanished");
     Ok(id)
 }
 

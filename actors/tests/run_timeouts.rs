@@ -813,6 +813,74 @@ async fn a_sandbox_that_comes_up_after_its_run_moved_to_another_replica_stays_wi
     );
 }
 
+#[actix_rt::test]
+async fn the_reconciler_fails_an_undriven_run_whose_sandbox_vanished_and_keeps_its_evidence() {
+    use ::actors::model::LogSource;
+    tokio::time::pause();
+    let h = harness(SpawnMode::Succeed);
+    let (id, run) = h.launch_started(None).await;
+    let _inbox = connect(&run, 1).await;
+    h.advance_until(id, RunState::Running, Duration::from_secs(1))
+        .await;
+    for (source, line) in [
+        (LogSource::Agent, "the agent's last words"),
+        (LogSource::Provider, "the sandbox's last words"),
+    ] {
+        h.store
+            .append_logs(id, source, vec![("stdout".into(), line.into())])
+            .await
+            .unwrap();
+    }
+    // A reconciler that sees no actor for the run (its replica went away) and no sandbox (the
+    // scripted provider lists none).
+    let reconciler = ::actors::reconciler::Reconciler::new(
+        h.router.clone(),
+        h.store.clone(),
+        RunRegistry::default(),
+        "test".into(),
+        "reconciling-replica".into(),
+        Duration::from_secs(3600),
+    )
+    .start();
+    let done = h
+        .advance_until(id, RunState::Failed, Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        done.failure.as_ref().map(|f| f.kind),
+        Some(FailureKind::SandboxVanished)
+    );
+    assert_eq!(done.owner, "reconciling-replica");
+    let evidence = done.evidence.expect("a failed run keeps its evidence");
+    assert_eq!(evidence.agent_logs, ["stdout: the agent's last words"]);
+    assert_eq!(evidence.provider_logs, ["stdout: the sandbox's last words"]);
+    // Wound up: the logs are closed (a follower reads them to their end) and the last event
+    // names the failure.
+    let follow = h.store.logs(id, LogSource::Agent, 0, true).await.unwrap();
+    let followed = tokio::time::timeout(
+        Duration::from_secs(5),
+        futures_util::StreamExt::collect::<Vec<_>>(follow),
+    )
+    .await
+    .expect("the run's logs are closed: following them ends");
+    assert_eq!(followed.len(), 1);
+    let last = h
+        .events(id, |kind| match kind {
+            ::actors::model::EventKind::StateChanged { to, failure, .. } => Some((to, failure)),
+            _ => None,
+        })
+        .await
+        .pop();
+    assert!(
+        matches!(&last, Some((RunState::Failed, Some(f))) if f.kind == FailureKind::SandboxVanished),
+        "{last:?}"
+    );
+    let counters = reconciler
+        .send(::actors::reconciler::GetCounters)
+        .await
+        .unwrap();
+    assert_eq!(counters.runs_failed, 1);
+}
+
 /// The `sandbox_created` events of run `id`: (sandbox id, host).
 async fn sandboxes_created(h: &Harness, id: Uuid) -> Vec<(String, String)> {
     h.events(id, |kind| match kind {

@@ -72,6 +72,7 @@ pub struct RunSettings {
     pub callback_url: String,
     pub cluster_id: String,
     /// Log lines kept as evidence on a failed run.
+    /// Lines of each log kept in a failed run's record (see [`DEFAULT_EVIDENCE_LINES`]).
     pub evidence_lines: usize,
     /// How often the provider is asked for the sandbox's resource usage (zero: never).
     pub usage_interval: Duration,
@@ -211,6 +212,9 @@ impl StoredSpec {
 }
 
 /// Store key of the sandbox handle of a run (written once the provider created it).
+/// Lines of each of its logs (provider, agent) a failed run keeps in its record as evidence.
+pub const DEFAULT_EVIDENCE_LINES: usize = 50;
+
 pub fn sandbox_blob_key(id: RunId) -> String {
     format!("sandbox:{id}")
 }
@@ -436,36 +440,12 @@ impl Writer {
                 tracing::warn!(run_id = %id, trace_id = %self.trace_id, error = %err, "no cost rates")
             }
         }
-        if record.failure.is_some() {
-            record.evidence = Some(Evidence {
-                provider_logs: tail(store, id, LogSource::Provider, self.evidence_lines).await,
-                agent_logs: tail(store, id, LogSource::Agent, self.evidence_lines).await,
-            });
-        }
-        let event = EventKind::StateChanged {
-            from,
-            to: record.state,
-            failure: record.failure.clone(),
-        };
-        // The sandbox is gone (its removal was queued before this): its slot under the
-        // provider's concurrency limit is given back with the end, and only by the run's owner.
-        let last = RunWrite {
-            events: vec![event],
-            record: Some(record.clone()),
-            release_slot: Some(provider_slot(&self.provider)),
-            ..RunWrite::default()
-        };
+        let last = final_write(store, from, &mut record, self.evidence_lines).await;
         if !self.write_or_step_down(last).await {
             return;
         }
-        if let Err(err) = store.revoke_tokens(id).await {
-            tracing::warn!(run_id = %id, trace_id = %self.trace_id, error = %err, "could not revoke the run token");
-        }
-        if let Err(err) = store.close_logs(id).await {
-            tracing::warn!(run_id = %id, trace_id = %self.trace_id, error = %err, "could not close the run's logs");
-        }
-        if let Err(err) = store.release_run(&self.lease).await {
-            tracing::warn!(run_id = %id, trace_id = %self.trace_id, error = %err, "could not release the run's lease");
+        for (what, err) in wind_up(store, &self.lease).await {
+            tracing::warn!(run_id = %id, trace_id = %self.trace_id, error = %err, "could not {what}");
         }
         if let Err(err) = done.try_send(Finished(Box::new(record))) {
             tracing::debug!(run_id = %id, trace_id = %self.trace_id, error = %err, "run actor already gone");
@@ -1753,6 +1733,54 @@ impl Handler<SpawnDone> for RunActor {
     fn handle(&mut self, msg: SpawnDone, ctx: &mut Context<Self>) {
         self.spawned(msg.0, ctx);
     }
+}
+
+/// The last write of a run that ended in `record`'s state, coming from `from`: the record (with
+/// the last `evidence_lines` of its logs when it failed) and the state change. The sandbox is gone
+/// (its removal comes first): the run's slot under its provider's concurrency limit is given back
+/// with it, and only by the run's owner.
+pub(crate) async fn final_write(
+    store: &dyn RunStore,
+    from: RunState,
+    record: &mut RunRecord,
+    evidence_lines: usize,
+) -> RunWrite {
+    if record.failure.is_some() {
+        record.evidence = Some(Evidence {
+            provider_logs: tail(store, record.id, LogSource::Provider, evidence_lines).await,
+            agent_logs: tail(store, record.id, LogSource::Agent, evidence_lines).await,
+        });
+    }
+    RunWrite {
+        events: vec![EventKind::StateChanged {
+            from,
+            to: record.state,
+            failure: record.failure.clone(),
+        }],
+        record: Some(record.clone()),
+        release_slot: Some(provider_slot(&record.provider)),
+        ..RunWrite::default()
+    }
+}
+
+/// After a run's final write: its tokens revoked, its logs closed, its lease released. Every
+/// step is tried; what failed is returned, named (`could not …`).
+pub(crate) async fn wind_up(
+    store: &dyn RunStore,
+    lease: &Lease,
+) -> Vec<(&'static str, StoreError)> {
+    let id = lease.run_id;
+    let mut failed = Vec::new();
+    if let Err(err) = store.revoke_tokens(id).await {
+        failed.push(("revoke the run's tokens", err));
+    }
+    if let Err(err) = store.close_logs(id).await {
+        failed.push(("close the run's logs", err));
+    }
+    if let Err(err) = store.release_run(lease).await {
+        failed.push(("release the run's lease", err));
+    }
+    failed
 }
 
 async fn tail(store: &dyn RunStore, id: RunId, source: LogSource, n: usize) -> Vec<String> {

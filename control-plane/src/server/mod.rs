@@ -373,7 +373,7 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
             timeouts,
             callback_url: callback_url.clone(),
             cluster_id: config.cluster_id.clone(),
-            evidence_lines: 50,
+            evidence_lines: actors::run::DEFAULT_EVIDENCE_LINES,
             usage_interval: Duration::from_secs(10),
             replica_id: replica_id.clone(),
         }),
