@@ -29,7 +29,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 
-use self::agent::{AgentProcess, AgentSpec, OutputLine};
+use self::agent::{AgentOutput, AgentProcess, AgentSpec, OutputLine, Progress};
 use self::bundle::BundleError;
 use self::config::Config;
 use self::connection::{ConnectError, Welcome, Ws};
@@ -157,6 +157,8 @@ enum Event {
     Prepared(Result<Result<String, BundleError>, tokio::task::JoinError>),
     AgentExited(std::io::Result<std::process::ExitStatus>),
     Output(Option<OutputLine>),
+    /// What waited for room in the agent's stdin is written.
+    InputWritten,
     DrainDue,
     Lost,
     UsageDue,
@@ -180,7 +182,7 @@ struct Shim {
     usage_tick: Interval,
     task: String,
     agent: AgentState,
-    output: Option<mpsc::Receiver<OutputLine>>,
+    output: Option<AgentOutput>,
     stop_forwarded: bool,
     signals: u32,
     exit: ShimExit,
@@ -271,6 +273,7 @@ impl Shim {
                 self.output = None;
                 self.report_exit_if_drained().await;
             }
+            Event::InputWritten => {}
             Event::DrainDue => self.drain_after_exit().await,
             Event::Lost => return Some(self.lost().await),
             Event::UsageDue => {
@@ -778,7 +781,7 @@ impl Shim {
 
     /// Queues an encoded line (without its newline) for the agent's stdin.
     fn send_line_to_agent(&mut self, line: String) {
-        let AgentState::Running { process, .. } = &self.agent else {
+        let AgentState::Running { process, .. } = &mut self.agent else {
             tracing::debug!("the agent is gone; dropping a line for its stdin");
             return;
         };
@@ -909,9 +912,10 @@ impl Shim {
             let Some(output) = self.output.as_mut() else {
                 break;
             };
-            match output.try_recv() {
-                Ok(line) => self.on_output(line).await,
-                Err(_) => {
+            match output.try_line() {
+                Some(Some(line)) => self.on_output(line).await,
+                Some(None) => self.output = None,
+                None => {
                     tracing::warn!(
                         "the agent's output is still open after it exited; not reading further"
                     );
@@ -1066,9 +1070,9 @@ async fn next_frame(ws: &mut Option<Ws>) -> Option<Result<Message, tungstenite::
     }
 }
 
-async fn recv_output(output: &mut Option<mpsc::Receiver<OutputLine>>) -> Option<OutputLine> {
+async fn recv_output(output: &mut Option<AgentOutput>) -> Option<OutputLine> {
     match output {
-        Some(rx) => rx.recv().await,
+        Some(output) => output.next_line().await,
         None => pending().await,
     }
 }
@@ -1076,7 +1080,10 @@ async fn recv_output(output: &mut Option<mpsc::Receiver<OutputLine>>) -> Option<
 async fn agent_progress(agent: &mut AgentState) -> Event {
     match agent {
         AgentState::Preparing(handle) => Event::Prepared(handle.await),
-        AgentState::Running { process, .. } => Event::AgentExited(process.wait().await),
+        AgentState::Running { process, .. } => match process.progress().await {
+            Progress::Exited(status) => Event::AgentExited(status),
+            Progress::InputWritten => Event::InputWritten,
+        },
         _ => pending().await,
     }
 }
