@@ -181,7 +181,7 @@ impl AgentInput {
         bytes.push(b'\n');
         self.queue.push_back(bytes);
         // A pipe with room takes the line at once; one without is written to once it has room
-        // (the event loop polls `write_pending` while a line waits).
+        // (the event loop polls `AgentProcess::progress` while a line waits).
         let _ready = self.poll_write_queued(&mut Context::from_waker(Waker::noop()));
         self.pipe.is_some()
     }

@@ -50,7 +50,7 @@ impl RootDir {
         let stat = statx(&fd, "", AtFlags::EMPTY_PATH, StatxFlags::BASIC_STATS).ok()?;
         Some(RootDir {
             fd,
-            dev: (stat.stx_dev_major, stat.stx_dev_minor),
+            dev: FileId::of(&stat).dev,
             cache: ReadCache::new(CACHE_BYTES),
         })
     }
@@ -164,9 +164,10 @@ impl FileId {
 }
 
 /// Files read beneath the root, by the path they were read by, up to a budget of content
-/// ([`CACHE_BYTES`] per workspace). A kept file is answered again only while `statx` of the same path (following
-/// symlinks, as the read did beneath the root) finds the same [`FileId`]: the content served
-/// is then the content of a file that was read beneath the root and has not changed since.
+/// ([`CACHE_BYTES`] per workspace). A kept file is answered again only while `statx` of the
+/// same path (following symlinks, as the read did beneath the root) finds the same [`FileId`]:
+/// the content served is then the content of a file that was read beneath the root and has not
+/// changed since.
 #[derive(Debug)]
 struct ReadCache {
     files: Mutex<Files>,
