@@ -243,7 +243,7 @@ fn harness(mode: SpawnMode) -> Harness {
             replica_id: "test-replica".into(),
         }),
         adopt_span: ::actors::run::detached_adopt_span,
-        export_spans: ::actors::run::discard_spans,
+        export_spans: None,
         metrics: ::actors::metrics::Metrics::noop(),
     };
     Harness {

@@ -224,6 +224,10 @@ pub enum ServerMessage {
         lost_after_ms: u64,
         /// False when the shim reconnects to a run whose agent it already started.
         start_agent: bool,
+        /// Whether the control plane exports the shim's spans into the run's trace; when false
+        /// the shim records none (absent: true, as before this field existed).
+        #[serde(default = "yes")]
+        trace_spans: bool,
     },
     ToolResult {
         call_id: String,
@@ -245,6 +249,10 @@ pub enum ServerMessage {
         message: String,
         fatal: bool,
     },
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Where and how to fetch the agent bundle (a gzip-compressed tar of the agent directory).

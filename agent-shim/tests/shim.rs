@@ -50,6 +50,37 @@ async fn start(script: &str) -> (FakeControlPlane, ShimProcess, ServerConn) {
     (cp, shim, conn)
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_spans_are_sent_when_the_control_plane_exports_none() {
+    let mut cp = FakeControlPlane::start(bundle_with_script(AGENT_OK)).await;
+    let mut shim = ShimProcess::spawn(&cp);
+    let mut conn = cp.accept().await;
+    conn.recv_hello().await;
+    conn.send(
+        &WelcomeBuilder::new(cp.bundle_info())
+            .without_spans()
+            .build(),
+    )
+    .await;
+    let mut ledger = Ledger::default();
+    serve_until_exited(&mut conn, &mut ledger).await;
+    assert_eq!(conn.expect_close().await, Some(1000));
+    assert_eq!(
+        shim.wait(STEP).await.code(),
+        Some(0),
+        "stderr:\n{}",
+        shim.stderr()
+    );
+    assert!(
+        ledger
+            .messages
+            .values()
+            .any(|m| matches!(m, ShimMessage::ToolCall { .. })),
+        "the agent made its tool call"
+    );
+    assert!(conn.spans.is_empty(), "spans sent: {:?}", conn.spans);
+}
+
 /// Receives, records and acks messages until `until` matches one.
 async fn recv_until(
     conn: &mut ServerConn,

@@ -422,7 +422,7 @@ impl MetricsPipeline {
 
 static INSTALLED_METRICS: OnceLock<MetricsPipeline> = OnceLock::new();
 
-/// Exports the spans shims send (set by `init`).
+/// Exports the spans shims send (set by `init` when it exports spans over OTLP).
 static SHIM_TRACER: OnceLock<opentelemetry_sdk::trace::SdkTracer> = OnceLock::new();
 
 /// The span context a W3C `traceparent` names, as a remote parent; `None` if unreadable.
@@ -442,6 +442,14 @@ fn remote_parent(traceparent: &str) -> Option<opentelemetry::Context> {
         TraceState::default(),
     );
     Some(opentelemetry::Context::new().with_remote_span_context(remote))
+}
+
+/// What the run actors do with the spans shims send: export them when `init` set up span
+/// export, and otherwise nothing (shims are then told to record none).
+pub fn shim_span_export() -> Option<actors::run::ExportSpans> {
+    SHIM_TRACER
+        .get()
+        .map(|_| export_shim_spans as actors::run::ExportSpans)
 }
 
 /// Exports the spans a run's shim finished (`actors::run::ExportSpans`) as children of the
@@ -524,7 +532,7 @@ pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, TelemetryError> {
         )
         .try_init()
         .map_err(|err| TelemetryError::AlreadyInstalled(err.to_string()))?;
-    if SHIM_TRACER.set(shim_tracer).is_err() {
+    if settings.otlp.is_some() && SHIM_TRACER.set(shim_tracer).is_err() {
         return Err(TelemetryError::AlreadyInstalled(
             "a tracer for shim spans is already installed".into(),
         ));

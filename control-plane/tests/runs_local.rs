@@ -519,6 +519,8 @@ async fn malformed_and_oversized_frames_get_protocol_errors_not_a_crash() {
     let welcome = next_json(&mut ws).await;
     assert_eq!(welcome["type"], "welcome", "{welcome}");
     assert_eq!(welcome["start_agent"], false);
+    // This server exports no traces: the shim is told to record no spans.
+    assert_eq!(welcome["trace_spans"], false);
 
     ws.send(Message::Text("{not json".into())).await.unwrap();
     let err = next_json(&mut ws).await;

@@ -138,9 +138,6 @@ impl RunRegistry {
 /// Exports spans a run's shim finished, as children of the run's `traceparent`.
 pub type ExportSpans = fn(&str, Vec<ShimSpan>);
 
-/// Drops shim spans (for hosts that export no traces).
-pub fn discard_spans(_traceparent: &str, _spans: Vec<ShimSpan>) {}
-
 /// Makes the root span of a run adopted from another replica, joining the run's trace through
 /// its W3C `traceparent`.
 pub type AdoptSpan = fn(&RunRecord, &str) -> tracing::Span;
@@ -190,8 +187,9 @@ pub struct RunDeps {
     pub registry: RunRegistry,
     pub settings: Arc<RunSettings>,
     pub adopt_span: AdoptSpan,
-    /// Where the shim's own spans go.
-    pub export_spans: ExportSpans,
+    /// Where the shim's own spans go; `None` when this host exports no traces, and then shims
+    /// are told (in `welcome`) not to record any.
+    pub export_spans: Option<ExportSpans>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -2039,6 +2037,7 @@ impl Handler<ShimHello> for RunActor {
             heartbeat_interval_ms: self.timeouts().heartbeat_interval.as_millis() as u64,
             lost_after_ms: self.timeouts().lost_after.as_millis() as u64,
             start_agent: !self.agent_started,
+            trace_spans: self.deps.export_spans.is_some(),
         };
         self.agent_started = true;
         if let Some(spawned) = self.spawned_at.take() {
@@ -2120,7 +2119,10 @@ impl Handler<ShimFrame> for RunActor {
             return;
         }
         if let ShimMessage::Spans { spans } = msg.message {
-            (self.deps.export_spans)(&self.spec.traceparent, spans);
+            // A shim told to record none may still send what it kept before its welcome.
+            if let Some(export) = self.deps.export_spans {
+                export(&self.spec.traceparent, spans);
+            }
             return;
         }
         if self.phase.state.is_terminal() {

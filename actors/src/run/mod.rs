@@ -4,8 +4,8 @@ pub mod messages;
 pub mod state;
 
 pub use actor::{
-    detached_adopt_span, discard_spans, provider_slot, sandbox_blob_key, AdoptSpan, ExportSpans,
-    RunActor, RunDeps, RunRegistry, RunSettings, RunSpec, RunTimeouts, StoredSpec, CLOSE_RUN_MOVED,
+    detached_adopt_span, provider_slot, sandbox_blob_key, AdoptSpan, ExportSpans, RunActor,
+    RunDeps, RunRegistry, RunSettings, RunSpec, RunTimeouts, StoredSpec, CLOSE_RUN_MOVED,
     DEFAULT_EVIDENCE_LINES,
 };
 pub use adopt::{adopt, AdoptError};

@@ -29,6 +29,8 @@ pub struct Welcome {
     pub heartbeat_interval: Duration,
     pub lost_after: Duration,
     pub start_agent: bool,
+    /// Whether the shim's spans are wanted.
+    pub trace_spans: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +153,7 @@ async fn handshake(
                     heartbeat_interval_ms,
                     lost_after_ms,
                     start_agent,
+                    trace_spans,
                 }) => {
                     return Ok((
                         ws,
@@ -162,6 +165,7 @@ async fn handshake(
                             heartbeat_interval: Duration::from_millis(heartbeat_interval_ms),
                             lost_after: Duration::from_millis(lost_after_ms),
                             start_agent,
+                            trace_spans,
                         },
                     ))
                 }

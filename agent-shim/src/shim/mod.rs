@@ -366,6 +366,7 @@ impl Shim {
         if !welcome.lost_after.is_zero() {
             self.lost_after = welcome.lost_after;
         }
+        self.spans.set_wanted(welcome.trace_spans);
         tracing::info!(
             last_acked = welcome.last_acked,
             start_agent = welcome.start_agent,

@@ -21,6 +21,9 @@ fn unix_nanos(at: SystemTime) -> u64 {
 /// Finished spans waiting to be sent, and tool calls whose span is open.
 #[derive(Debug)]
 pub struct SpanRecorder {
+    /// The sandbox got a `TRACEPARENT`.
+    traced: bool,
+    /// Spans are recorded: traced, and the control plane has not said it does not want them.
     enabled: bool,
     pending: VecDeque<ShimSpan>,
     calls: HashMap<String, (SystemTime, String)>,
@@ -30,11 +33,24 @@ pub struct SpanRecorder {
 impl SpanRecorder {
     /// Records spans only when the run is traced (the sandbox got a `TRACEPARENT`).
     pub fn new(traceparent: Option<&str>) -> SpanRecorder {
+        let traced = traceparent.is_some_and(|t| !t.trim().is_empty());
         SpanRecorder {
-            enabled: traceparent.is_some_and(|t| !t.trim().is_empty()),
+            traced,
+            enabled: traced,
             pending: VecDeque::new(),
             calls: HashMap::new(),
             dropped: 0,
+        }
+    }
+
+    /// The control plane says whether it exports the shim's spans (in every `welcome`). Until
+    /// the first welcome they are kept; once they are not wanted, the kept ones are dropped and
+    /// no more are recorded.
+    pub fn set_wanted(&mut self, wanted: bool) {
+        self.enabled = wanted && self.traced;
+        if !self.enabled {
+            self.pending.clear();
+            self.calls.clear();
         }
     }
 
@@ -130,6 +146,42 @@ mod tests {
         spans.call_started("c1", "fs.read_file");
         spans.call_answered("c1", None);
         assert!(spans.is_empty());
+    }
+
+    #[test]
+    fn nothing_is_recorded_once_the_control_plane_does_not_want_spans() {
+        let mut spans = SpanRecorder::new(Some(
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ));
+        spans.finish(
+            "shim.bundle.fetch",
+            SystemTime::now(),
+            BTreeMap::new(),
+            None,
+        );
+        spans.call_started("c1", "fs.read_file");
+        spans.set_wanted(false);
+        spans.call_answered("c1", None);
+        spans.call_started("c2", "fs.read_file");
+        spans.call_answered("c2", None);
+        assert!(
+            spans.is_empty(),
+            "kept spans are dropped, no new ones recorded"
+        );
+
+        spans.set_wanted(true);
+        spans.call_started("c3", "fs.read_file");
+        spans.call_answered("c3", None);
+        assert_eq!(spans.take().len(), 1, "wanted again (a later welcome)");
+
+        let mut untraced = SpanRecorder::new(None);
+        untraced.set_wanted(true);
+        untraced.call_started("c1", "fs.read_file");
+        untraced.call_answered("c1", None);
+        assert!(
+            untraced.is_empty(),
+            "wanted, but the run has no trace to join"
+        );
     }
 
     #[test]

@@ -325,6 +325,7 @@ pub struct WelcomeBuilder {
     pub start_agent: bool,
     pub heartbeat_interval_ms: u64,
     pub lost_after_ms: u64,
+    pub trace_spans: bool,
 }
 
 impl WelcomeBuilder {
@@ -335,6 +336,7 @@ impl WelcomeBuilder {
             start_agent: true,
             heartbeat_interval_ms: 100,
             lost_after_ms: 10_000,
+            trace_spans: true,
         }
     }
 
@@ -349,6 +351,12 @@ impl WelcomeBuilder {
         self
     }
 
+    /// The control plane exports no spans: the shim should send none.
+    pub fn without_spans(mut self) -> Self {
+        self.trace_spans = false;
+        self
+    }
+
     pub fn build(&self) -> ServerMessage {
         ServerMessage::Welcome {
             run_id: RUN_ID.into(),
@@ -358,6 +366,7 @@ impl WelcomeBuilder {
             heartbeat_interval_ms: self.heartbeat_interval_ms,
             lost_after_ms: self.lost_after_ms,
             start_agent: self.start_agent,
+            trace_spans: self.trace_spans,
         }
     }
 }

@@ -378,7 +378,7 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
             replica_id: replica_id.clone(),
         }),
         adopt_span: crate::telemetry::adopted_run_span,
-        export_spans: crate::telemetry::export_shim_spans,
+        export_spans: crate::telemetry::shim_span_export(),
         metrics: metrics.clone(),
     };
     let cluster_stats = Arc::new(ClusterStats::default());
