@@ -1,5 +1,7 @@
 //! The seam through which run actors execute tool calls; the control plane implements it.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use serde_json::Value;
 
@@ -36,6 +38,26 @@ impl ToolFailure {
     }
 }
 
+/// A tool call's result had at once ([`ToolHost::call_now`]), with its JSON text, so the answer
+/// is written without encoding the result again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadyResult {
+    pub value: Value,
+    /// `value` as `serde_json` encodes it.
+    pub json: Arc<str>,
+}
+
+impl ReadyResult {
+    /// A result and its encoding.
+    pub fn new(value: Value) -> Result<ReadyResult, serde_json::Error> {
+        let json = serde_json::to_string(&value)?;
+        Ok(ReadyResult {
+            value,
+            json: json.into(),
+        })
+    }
+}
+
 /// Executes tools for a run against the project workspace.
 #[async_trait]
 pub trait ToolHost: Send + Sync + 'static {
@@ -46,7 +68,7 @@ pub trait ToolHost: Send + Sync + 'static {
     /// kernel serves from memory, say), or `None` to leave the call to [`ToolHost::call`]. The
     /// connection that received the call answers it on the spot with this; it must be exactly
     /// what `call` would answer, and safe to run again for a call that is resent.
-    fn call_now(&self, _run_id: RunId, _tool: &str, _args: &Value) -> Option<Value> {
+    fn call_now(&self, _run_id: RunId, _tool: &str, _args: &Value) -> Option<ReadyResult> {
         None
     }
 

@@ -661,6 +661,7 @@ async fn a_call_the_connection_answered_is_recorded_not_executed_or_answered_aga
                 result: Some(json!({ "answered": call })),
                 error: None,
             },
+            result_bytes: json!({ "answered": call }).to_string().len(),
             took: Duration::from_micros(7),
             span: tracing::Span::none(),
         }))

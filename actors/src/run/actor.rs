@@ -1478,6 +1478,7 @@ impl RunActor {
             Duration::ZERO,
             span,
             message,
+            None,
             Some(codes::DUPLICATE_CALL_ID),
             ctx,
         )
@@ -1563,7 +1564,24 @@ impl RunActor {
         // The agent waits for this answer; what is only bookkeeping (span, metric, event, the
         // copy kept for a resend) comes after it has left.
         self.send(message.clone());
-        let result = self.settle(call_id, tool, took, span, message, failure_code, ctx);
+        let result_bytes = match &message {
+            // Encoded again only to be counted: worth it only when the span is recorded.
+            ServerMessage::ToolResult {
+                result: Some(value),
+                ..
+            } if !span.is_disabled() => Some(encoded_len(value)),
+            _ => None,
+        };
+        let result = self.settle(
+            call_id,
+            tool,
+            took,
+            span,
+            message,
+            result_bytes,
+            failure_code,
+            ctx,
+        );
         self.record_events(vec![result], ctx);
     }
 
@@ -1586,14 +1604,25 @@ impl RunActor {
         }
         let AnsweredHere {
             message,
+            result_bytes,
             took,
             span,
         } = answered;
-        Some(self.settle(call_id, tool, took, span, message, None, ctx))
+        Some(self.settle(
+            call_id,
+            tool,
+            took,
+            span,
+            message,
+            Some(result_bytes),
+            None,
+            ctx,
+        ))
     }
 
     /// A call's bookkeeping once its answer has left: span, metric, the answer kept for a
-    /// resend and the idle timer; returns the result event to store.
+    /// resend and the idle timer; returns the result event to store. `result_bytes`: the size
+    /// of the result's JSON text, if known.
     #[allow(clippy::too_many_arguments)]
     fn settle(
         &mut self,
@@ -1602,6 +1631,7 @@ impl RunActor {
         took: Duration,
         span: tracing::Span,
         message: ServerMessage,
+        result_bytes: Option<usize>,
         failure_code: Option<&'static str>,
         ctx: &mut Context<Self>,
     ) -> EventKind {
@@ -1609,12 +1639,8 @@ impl RunActor {
         match failure_code {
             None => {
                 span.record("outcome", "ok");
-                if let ServerMessage::ToolResult {
-                    result: Some(value),
-                    ..
-                } = &message
-                {
-                    span.record("tool.result_bytes", encoded_len(value));
+                if let Some(bytes) = result_bytes {
+                    span.record("tool.result_bytes", bytes);
                 }
             }
             Some(code) => {

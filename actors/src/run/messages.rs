@@ -71,6 +71,8 @@ pub struct ShimFrames(pub Vec<ShimFrame>);
 pub struct AnsweredHere {
     /// The `tool_result` sent.
     pub message: ServerMessage,
+    /// Bytes of the result's JSON text.
+    pub result_bytes: usize,
     pub took: Duration,
     /// The call's `tool.call` span, still open.
     pub span: tracing::Span,

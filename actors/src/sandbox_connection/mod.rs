@@ -410,10 +410,13 @@ impl SandboxConnection {
             }
             (Stage::Attached { .. }, ShimMessage::Heartbeat { .. }) => {}
             (Stage::Attached { .. }, message) => {
-                let answered = self.answer_now(&message);
-                if let Some(answered) = &answered {
-                    self.send(&answered.message, ctx);
-                }
+                let answered = match self.answer_now(&message) {
+                    Some((frame, answered)) => {
+                        self.queue(Outbound::Text(frame.into()), ctx);
+                        Some(answered)
+                    }
+                    None => None,
+                };
                 let Stage::Attached {
                     mailbox, to_run, ..
                 } = &self.stage
@@ -439,8 +442,9 @@ impl SandboxConnection {
 impl SandboxConnection {
     /// Answers a tool call on receipt when the gate lets it through and the tools can answer
     /// without waiting (`ToolHost::call_now`): the agent's answer then skips the trip through
-    /// the run actor, which records the call and its answer afterwards.
-    fn answer_now(&mut self, message: &ShimMessage) -> Option<Box<AnsweredHere>> {
+    /// the run actor, which records the call and its answer afterwards. Returns the answer's
+    /// frame, written around the result's JSON text as the tools gave it.
+    fn answer_now(&mut self, message: &ShimMessage) -> Option<(String, Box<AnsweredHere>)> {
         let Stage::Attached {
             run_id, gate, span, ..
         } = &mut self.stage
@@ -460,22 +464,40 @@ impl SandboxConnection {
             return None;
         };
         let started = Instant::now();
-        let result = self.deps.run_deps.tools.call_now(*run_id, tool, args)?;
+        let ready = self.deps.run_deps.tools.call_now(*run_id, tool, args)?;
         let took = started.elapsed();
+        let frame = tool_result_frame(call_id, &ready.json)?;
         // Opened once there is an answer, so a call left to the run actor has one span only;
         // it starts the few microseconds of the read late (the metric has the exact time).
         let call_span = tool_call_span(span, tool, call_id, args);
-        Some(Box::new(AnsweredHere {
+        let answered = AnsweredHere {
             message: ServerMessage::ToolResult {
                 call_id: call_id.clone(),
                 ok: true,
-                result: Some(result),
+                result: Some(ready.value),
                 error: None,
             },
+            result_bytes: ready.json.len(),
             took,
             span: call_span,
-        }))
+        };
+        Some((frame, Box::new(answered)))
     }
+}
+
+/// The text of a successful `tool_result` frame, exactly as encoding the
+/// [`ServerMessage::ToolResult`] would write it, around `result`'s JSON text.
+fn tool_result_frame(call_id: &str, result: &str) -> Option<String> {
+    const HEAD: &str = r#"{"type":"tool_result","call_id":"#;
+    const OK: &str = r#","ok":true,"result":"#;
+    let id = serde_json::to_string(call_id).ok()?;
+    let mut frame = String::with_capacity(HEAD.len() + id.len() + OK.len() + result.len() + 1);
+    frame.push_str(HEAD);
+    frame.push_str(&id);
+    frame.push_str(OK);
+    frame.push_str(result);
+    frame.push('}');
+    Some(frame)
 }
 
 impl Actor for SandboxConnection {
@@ -722,6 +744,30 @@ mod tests {
     }
 
     #[test]
+    fn a_result_frame_is_written_as_its_message_is_encoded() {
+        for (call_id, result) in [
+            ("c1", json!({"content": "line \"one\"\n\ttwo é"})),
+            (
+                "id with \"quotes\" and \\ and \u{1}",
+                json!({"entries": []}),
+            ),
+        ] {
+            let message = ServerMessage::ToolResult {
+                call_id: call_id.into(),
+                ok: true,
+                result: Some(result.clone()),
+                error: None,
+            };
+            let frame = tool_result_frame(call_id, &result.to_string()).unwrap();
+            assert_eq!(frame, serde_json::to_string(&message).unwrap());
+            assert_eq!(
+                serde_json::from_str::<ServerMessage>(&frame).ok(),
+                Some(message)
+            );
+        }
+    }
+
+    #[test]
     fn only_calls_new_to_the_run_may_be_answered_by_the_connection() {
         let mut gate = AnswerGate::new(3, HashSet::from(["told".to_string(), "taken".to_string()]));
         // Resends of what the run took already.
@@ -864,6 +910,7 @@ mod tests {
         };
         frame.answered = Some(Box::new(AnsweredHere {
             message: ServerMessage::Ack { seq },
+            result_bytes: 0,
             took: Duration::ZERO,
             span: tracing::Span::none(),
         }));

@@ -108,7 +108,8 @@ pub fn tool_result_passthrough(
         return None;
     }
     let result = parsed.result.map(|raw| raw.get());
-    if result.is_some_and(|raw| raw.contains(['\n', '\r'])) {
+    // JSON text has line breaks only between tokens (inside strings they are escaped).
+    if result.is_some_and(|raw| memchr::memchr2(b'\n', b'\r', raw.as_bytes()).is_some()) {
         return None;
     }
     let id = serde_json::to_string(&parsed.call_id).ok()?;
@@ -364,6 +365,7 @@ mod tests {
             r#"{"call_id":"c","type":"tool_result","ok":true}"#,
             r#"{"type":"tool_result","ok":true}"#,
             "{\"type\":\"tool_result\",\"call_id\":\"c\",\"ok\":true,\"result\":{\n\"a\": 1}}",
+            "{\"type\":\"tool_result\",\"call_id\":\"c\",\"ok\":true,\"result\":[1,\r2]}",
             "not json",
         ] {
             assert!(tool_result_passthrough(frame).is_none(), "{frame}");

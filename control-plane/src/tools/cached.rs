@@ -12,6 +12,7 @@
 //!
 //! A file read this way is kept ([`ReadCache`]) and read again from memory while `statx` of
 //! its path (one call) finds the very same file unchanged; see [`FileId`] for what that means.
+//! It is kept with the result's JSON text, so the answer to a kept file is not encoded again.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -24,7 +25,8 @@ use rustix::fs::{
     openat2, statx, AtFlags, FileType, Mode, OFlags, ResolveFlags, Statx, StatxFlags,
 };
 use rustix::io::{preadv2, ReadWriteFlags};
-use serde_json::Value;
+
+use actors::tools::ReadyResult;
 
 use super::fs::file_content;
 use super::ToolLimits;
@@ -67,9 +69,9 @@ impl RootDir {
 }
 
 /// The result of `fs.read_file` for `raw`, if it can be had without waiting.
-pub(crate) fn read_file(root: &RootDir, limits: &ToolLimits, raw: &str) -> Option<Value> {
-    if let Some(value) = root.cache.get(root.fd(), raw) {
-        return Some(value);
+pub(crate) fn read_file(root: &RootDir, limits: &ToolLimits, raw: &str) -> Option<ReadyResult> {
+    if let Some(ready) = root.cache.get(root.fd(), raw) {
+        return Some(ready);
     }
     let file = openat2(
         root.fd(),
@@ -101,12 +103,12 @@ pub(crate) fn read_file(root: &RootDir, limits: &ToolLimits, raw: &str) -> Optio
         return None;
     }
     bytes.truncate(read);
-    let value = file_content(bytes).ok()?;
+    let ready = ReadyResult::new(file_content(bytes).ok()?).ok()?;
     let id = FileId::of(&stat);
     if id.dev == root.dev && id.settled(SystemTime::now()) {
-        root.cache.put(raw, id, &value, read);
+        root.cache.put(raw, id, &ready, read + ready.json.len());
     }
-    Some(value)
+    Some(ready)
 }
 
 /// What tells a file's content unchanged: the same inode on the same device, of the same type,
@@ -163,7 +165,7 @@ impl FileId {
     }
 }
 
-/// Files read beneath the root, by the path they were read by, up to a budget of content
+/// Files read beneath the root, by the path they were read by, up to a budget of bytes
 /// ([`CACHE_BYTES`] per workspace). A kept file is answered again only while `statx` of the
 /// same path (following symlinks, as the read did beneath the root) finds the same [`FileId`]:
 /// the content served is then the content of a file that was read beneath the root and has not
@@ -171,7 +173,7 @@ impl FileId {
 #[derive(Debug)]
 struct ReadCache {
     files: Mutex<Files>,
-    /// Most bytes of content kept.
+    /// Most bytes kept: content, and the result's JSON text.
     budget: usize,
     hits: AtomicU64,
 }
@@ -185,11 +187,11 @@ struct Files {
 #[derive(Debug)]
 struct Kept {
     id: FileId,
-    value: Value,
+    ready: ReadyResult,
     bytes: usize,
 }
 
-/// Content kept per workspace.
+/// Bytes kept per workspace (content and JSON text).
 const CACHE_BYTES: usize = 8 * 1024 * 1024;
 
 impl ReadCache {
@@ -208,7 +210,7 @@ impl ReadCache {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn get(&self, root: BorrowedFd<'_>, raw: &str) -> Option<Value> {
+    fn get(&self, root: BorrowedFd<'_>, raw: &str) -> Option<ReadyResult> {
         if !self.files().by_path.contains_key(raw) {
             return None;
         }
@@ -219,13 +221,13 @@ impl ReadCache {
         let kept = files.by_path.get(raw)?;
         if now == Some(kept.id) {
             self.hits.fetch_add(1, Ordering::Relaxed);
-            return Some(kept.value.clone());
+            return Some(kept.ready.clone());
         }
         files.remove(raw);
         None
     }
 
-    fn put(&self, raw: &str, id: FileId, value: &Value, bytes: usize) {
+    fn put(&self, raw: &str, id: FileId, ready: &ReadyResult, bytes: usize) {
         // One file takes a quarter of the budget at most.
         if bytes > self.budget / 4 {
             return;
@@ -243,7 +245,7 @@ impl ReadCache {
             raw.to_owned(),
             Kept {
                 id,
-                value: value.clone(),
+                ready: ready.clone(),
                 bytes,
             },
         );
@@ -261,7 +263,7 @@ impl Files {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     struct Fixture {
         _dir: tempfile::TempDir,
@@ -296,7 +298,7 @@ mod tests {
             // First the blocking path: following a symlink for the first time updates its
             // access time, which `RESOLVE_CACHED` leaves to a path that may wait.
             let slow = super::super::fs::read_file(&f.root, &limits, path).unwrap();
-            let fast = read_file(&f.fd, &limits, path);
+            let fast = read_file(&f.fd, &limits, path).map(|ready| ready.value);
             assert_eq!(fast, Some(json!({ "content": "hello" })), "{path}");
             assert_eq!(fast, Some(slow), "{path}");
         }
@@ -334,7 +336,13 @@ mod tests {
     }
 
     fn read(f: &Fixture, path: &str) -> Option<Value> {
-        read_file(&f.fd, &ToolLimits::default(), path)
+        let ready = read_file(&f.fd, &ToolLimits::default(), path)?;
+        assert_eq!(
+            *ready.json,
+            serde_json::to_string(&ready.value).unwrap(),
+            "the JSON text is the value's"
+        );
+        Some(ready.value)
     }
 
     #[test]
@@ -399,14 +407,15 @@ mod tests {
         let budget = 4096;
         f.fd.cache = ReadCache::new(budget);
         let limits = ToolLimits::default();
-        let size = budget / 5;
+        // Kept with its JSON text: a little over twice the content.
+        let size = budget / 10;
         for n in 0..8 {
             std::fs::write(f.root.join(format!("f{n}")), vec![b'a' + n; size]).unwrap();
         }
-        std::fs::write(f.root.join("huge"), vec![b'h'; budget / 4 + 1]).unwrap();
+        std::fs::write(f.root.join("huge"), vec![b'h'; budget / 8 + 1]).unwrap();
         settle();
         for n in 0..8u8 {
-            let value = read_file(&f.fd, &limits, &format!("f{n}")).unwrap();
+            let value = read_file(&f.fd, &limits, &format!("f{n}")).unwrap().value;
             assert_eq!(value["content"].as_str().unwrap().len(), size);
             let files = f.fd.cache.files();
             assert!(files.bytes <= budget, "{}", files.bytes);

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use actors::model::RunId;
-use actors::tools::{codes, ToolFailure, ToolHost};
+use actors::tools::{codes, ReadyResult, ToolFailure, ToolHost};
 
 use self::args::Args;
 use self::fs::Matcher;
@@ -142,8 +142,8 @@ impl ToolHost for WorkspaceTools {
         tracing::debug!(run_id = %run_id, tool, "tool call");
         match tool {
             READ_FILE => {
-                if let Some(result) = self.call_now(run_id, READ_FILE, &args) {
-                    return Ok(result);
+                if let Some(ready) = self.call_now(run_id, READ_FILE, &args) {
+                    return Ok(ready.value);
                 }
                 let mut args = Args::new(READ_FILE, args, &["path"])?;
                 let path = non_empty_path(&mut args)?;
@@ -184,7 +184,7 @@ impl ToolHost for WorkspaceTools {
         }
     }
 
-    fn call_now(&self, _run_id: RunId, tool: &str, args: &Value) -> Option<Value> {
+    fn call_now(&self, _run_id: RunId, tool: &str, args: &Value) -> Option<ReadyResult> {
         // Only a well-formed `fs.read_file` (one non-empty string `path`); anything else, errors
         // included, takes `call`, which words them.
         if tool != READ_FILE {

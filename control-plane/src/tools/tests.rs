@@ -513,7 +513,12 @@ async fn symlinks_inside_the_workspace_work() {
 #[tokio::test]
 async fn call_now_answers_what_call_answers_or_leaves_the_call() {
     let f = fixture();
-    let now = |tool: &str, args: Value| f.tools.call_now(Uuid::nil(), tool, &args);
+    let now = |tool: &str, args: Value| {
+        f.tools.call_now(Uuid::nil(), tool, &args).map(|ready| {
+            assert_eq!(*ready.json, ready.value.to_string(), "{args}");
+            ready.value
+        })
+    };
     // Warm the page cache so the read cannot wait.
     f.ok(READ_FILE, json!({"path": "README.md"})).await;
     for path in ["README.md", "./src/nested/../lib.rs"] {
