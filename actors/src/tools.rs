@@ -38,22 +38,19 @@ impl ToolFailure {
     }
 }
 
-/// A tool call's result had at once ([`ToolHost::call_now`]), with its JSON text, so the answer
-/// is written without encoding the result again.
+/// A tool call's result had at once ([`ToolHost::call_now`]), as its JSON text, so the answer
+/// is written around it without encoding the result again.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReadyResult {
-    pub value: Value,
-    /// `value` as `serde_json` encodes it.
+    /// The result as `serde_json` encodes it.
     pub json: Arc<str>,
 }
 
 impl ReadyResult {
-    /// A result and its encoding.
-    pub fn new(value: Value) -> Result<ReadyResult, serde_json::Error> {
-        let json = serde_json::to_string(&value)?;
+    /// A result's encoding.
+    pub fn new(value: &Value) -> Result<ReadyResult, serde_json::Error> {
         Ok(ReadyResult {
-            value,
-            json: json.into(),
+            json: serde_json::to_string(value)?.into(),
         })
     }
 }

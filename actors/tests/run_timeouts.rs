@@ -653,14 +653,18 @@ async fn a_call_the_connection_answered_is_recorded_not_executed_or_answered_aga
     let h = harness(SpawnMode::Succeed);
     let (id, run) = h.launch_started(None).await;
     let inbox = connect(&run, 1).await;
+    let answer_text = |call: &str| {
+        serde_json::to_string(&ServerMessage::ToolResult {
+            call_id: call.into(),
+            ok: true,
+            result: Some(json!({ "answered": call })),
+            error: None,
+        })
+        .unwrap()
+    };
     let answered = |call: &str| {
         Some(Box::new(AnsweredHere {
-            message: ServerMessage::ToolResult {
-                call_id: call.into(),
-                ok: true,
-                result: Some(json!({ "answered": call })),
-                error: None,
-            },
+            frame: answer_text(call).into(),
             result_bytes: json!({ "answered": call }).to_string().len(),
             took: Duration::from_micros(7),
             span: tracing::Span::none(),
@@ -733,6 +737,19 @@ async fn a_call_the_connection_answered_is_recorded_not_executed_or_answered_aga
     assert!(frames
         .iter()
         .any(|m| matches!(m, ToShim::Frame(ServerMessage::Ack { seq: 4 }))));
+    drop(frames);
+
+    // A shim that reconnects still waiting for c1 and c2 gets both answers again: c1's as the
+    // very frame the connection sent.
+    let inbox = connect_resuming(&run, 2, Some(4), vec!["c1".into(), "c2".into()], vec![]).await;
+    let frames = inbox.lock().unwrap();
+    assert!(
+        frames
+            .iter()
+            .any(|m| matches!(m, ToShim::Text(text) if **text == answer_text("c1"))),
+        "{frames:?}"
+    );
+    assert_eq!(answered_ids(&frames), ["c2"], "{frames:?}");
 }
 
 #[actix_rt::test]

@@ -10,6 +10,7 @@ use agent_shim::protocol::{
     AgentEventPayload, AnsweredCall, BundleInfo, LogStream as ShimLogStream, ServerMessage,
     ShimMessage, ShimSpan, ToolError, PROTOCOL_VERSION,
 };
+use bytestring::ByteString;
 use chrono::Utc;
 use futures_util::{FutureExt, StreamExt};
 use opentelemetry::KeyValue;
@@ -131,6 +132,23 @@ impl RunRegistry {
         let mut runs = self.lock();
         if runs.get(&id) == Some(addr) {
             runs.remove(&id);
+        }
+    }
+}
+
+/// A tool call's answer, kept for a shim that reconnects still waiting for it: the message the
+/// run actor sent, or the frame the connection sent.
+#[derive(Debug, Clone)]
+enum KeptAnswer {
+    Message(ServerMessage),
+    Text(ByteString),
+}
+
+impl KeptAnswer {
+    fn to_shim(&self) -> ToShim {
+        match self {
+            KeptAnswer::Message(message) => ToShim::Frame(message.clone()),
+            KeptAnswer::Text(text) => ToShim::Text(text.clone()),
         }
     }
 }
@@ -495,6 +513,9 @@ pub struct RunActor {
     deps: RunDeps,
     limits: Limits,
     timers: HashMap<Timer, SpawnHandle>,
+    /// The agent's last sign of life while the idle timer runs: the timer is not re-armed for
+    /// each one, it looks at this when it fires (the runtime's clock, which tests can pause).
+    last_activity: tokio::time::Instant,
     writes: tokio::sync::mpsc::Sender<WriteOp>,
     sandbox: Option<SandboxHandle>,
     connection: Option<Connection>,
@@ -503,7 +524,7 @@ pub struct RunActor {
     agent_started: bool,
     /// Tool calls in flight.
     in_flight: HashMap<String, InFlight>,
-    answered: HashMap<String, ServerMessage>,
+    answered: HashMap<String, KeptAnswer>,
     answered_order: VecDeque<String>,
     /// Call ids already executed, so a resent call is not executed twice.
     seen_calls: HashMap<String, String>,
@@ -605,6 +626,7 @@ impl RunActor {
                 deps,
                 limits,
                 timers: HashMap::new(),
+                last_activity: tokio::time::Instant::now(),
                 sandbox: None,
                 connection: None,
                 last_seq: 0,
@@ -785,16 +807,32 @@ impl RunActor {
     }
 
     fn arm(&mut self, timer: Timer, ctx: &mut Context<Self>) {
+        if timer == Timer::Idle {
+            self.last_activity = tokio::time::Instant::now();
+        }
+        self.arm_for(timer, self.timer_duration(timer), ctx);
+    }
+
+    fn arm_for(&mut self, timer: Timer, duration: Duration, ctx: &mut Context<Self>) {
         if let Some(old) = self.timers.remove(&timer) {
             ctx.cancel_future(old);
         }
-        let duration = self.timer_duration(timer);
-        let handle = ctx.run_later(duration, move |act, ctx| {
-            act.timers.remove(&timer);
-            tracing::info!(run_id = %act.id, trace_id = %act.record.trace_id, ?timer, "run timer fired");
-            act.apply(Input::TimerFired(timer), ctx);
-        });
+        let handle = ctx.run_later(duration, move |act, ctx| act.timer_fired(timer, ctx));
         self.timers.insert(timer, handle);
+    }
+
+    fn timer_fired(&mut self, timer: Timer, ctx: &mut Context<Self>) {
+        self.timers.remove(&timer);
+        if timer == Timer::Idle {
+            // Activity since it was armed: the run has been idle only since then.
+            let idle = self.timer_duration(Timer::Idle);
+            let quiet = self.last_activity.elapsed();
+            if quiet < idle {
+                return self.arm_for(Timer::Idle, idle - quiet, ctx);
+            }
+        }
+        tracing::info!(run_id = %self.id, trace_id = %self.record.trace_id, ?timer, "run timer fired");
+        self.apply(Input::TimerFired(timer), ctx);
     }
 
     /// Queues a write; the run's writer carries writes out in order.
@@ -830,8 +868,12 @@ impl RunActor {
     }
 
     fn send(&self, message: ServerMessage) {
+        self.deliver(ToShim::Frame(message));
+    }
+
+    fn deliver(&self, frame: ToShim) {
         if let Some(conn) = &self.connection {
-            if let Err(err) = conn.conn.try_send(ToShim::Frame(message)) {
+            if let Err(err) = conn.conn.try_send(frame) {
                 // Nothing may be dropped silently: the shim reconnects and asks again for the
                 // results it still waits for.
                 tracing::warn!(run_id = %self.id, trace_id = %self.record.trace_id, error = %err, "could not queue a frame for the shim; closing its connection");
@@ -1301,9 +1343,10 @@ impl RunActor {
         }
     }
 
-    fn agent_activity(&mut self, ctx: &mut Context<Self>) {
+    /// The agent did something: the idle timer counts from now.
+    fn agent_activity(&mut self) {
         if self.phase.state == RunState::Running && self.timers.contains_key(&Timer::Idle) {
-            self.arm(Timer::Idle, ctx);
+            self.last_activity = tokio::time::Instant::now();
         }
     }
 
@@ -1346,7 +1389,7 @@ impl RunActor {
         let mut input = None;
         match message {
             ShimMessage::AgentEvent { payload, .. } => {
-                self.agent_activity(ctx);
+                self.agent_activity();
                 events.push(match payload {
                     AgentEventPayload::AgentStarted { pid } => EventKind::AgentStarted { pid },
                     AgentEventPayload::Message { text } => EventKind::AgentMessage { text },
@@ -1366,7 +1409,7 @@ impl RunActor {
                 args,
                 ..
             } => {
-                self.agent_activity(ctx);
+                self.agent_activity();
                 events.push(EventKind::ToolCall {
                     call_id: call_id.clone(),
                     tool: tool.clone(),
@@ -1388,17 +1431,17 @@ impl RunActor {
                     }
                     None => match answered {
                         Some(answered) => {
-                            events.extend(self.record_answered(call_id, tool, *answered, ctx))
+                            events.extend(self.record_answered(call_id, tool, *answered))
                         }
                         None if self.seen_calls.contains_key(&call_id) => {
-                            events.push(self.refuse_reused_id(call_id, tool, &args, ctx));
+                            events.push(self.refuse_reused_id(call_id, tool, &args));
                         }
                         None => self.start_tool_call(call_id, tool, args, ctx),
                     },
                 }
             }
             ShimMessage::Log { stream, line, .. } => {
-                self.agent_activity(ctx);
+                self.agent_activity();
                 let stream = match stream {
                     ShimLogStream::Stdout => "stdout",
                     ShimLogStream::Stderr => "stderr",
@@ -1449,13 +1492,7 @@ impl RunActor {
 
     /// A new tool call whose id an earlier call of the run used: not executed; the agent gets an
     /// error answer naming the id, and the run goes on.
-    fn refuse_reused_id(
-        &mut self,
-        call_id: String,
-        tool: String,
-        args: &Value,
-        ctx: &mut Context<Self>,
-    ) -> EventKind {
+    fn refuse_reused_id(&mut self, call_id: String, tool: String, args: &Value) -> EventKind {
         let first = self.seen_calls.get(&call_id).cloned().unwrap_or_default();
         tracing::warn!(run_id = %self.id, trace_id = %self.record.trace_id, call_id, tool, first_tool = first, "tool call id used again; refused");
         let span = tool_call_span(&self.spec.span, &tool, &call_id, args);
@@ -1477,10 +1514,9 @@ impl RunActor {
             tool,
             Duration::ZERO,
             span,
-            message,
+            KeptAnswer::Message(message),
             None,
             Some(codes::DUPLICATE_CALL_ID),
-            ctx,
         )
     }
 
@@ -1577,10 +1613,9 @@ impl RunActor {
             tool,
             took,
             span,
-            message,
+            KeptAnswer::Message(message),
             result_bytes,
             failure_code,
-            ctx,
         );
         self.record_events(vec![result], ctx);
     }
@@ -1592,7 +1627,6 @@ impl RunActor {
         call_id: String,
         tool: String,
         answered: AnsweredHere,
-        ctx: &mut Context<Self>,
     ) -> Option<EventKind> {
         if self
             .seen_calls
@@ -1603,7 +1637,7 @@ impl RunActor {
             return None;
         }
         let AnsweredHere {
-            message,
+            frame,
             result_bytes,
             took,
             span,
@@ -1613,10 +1647,9 @@ impl RunActor {
             tool,
             took,
             span,
-            message,
+            KeptAnswer::Text(frame),
             Some(result_bytes),
             None,
-            ctx,
         ))
     }
 
@@ -1630,10 +1663,9 @@ impl RunActor {
         tool: String,
         took: Duration,
         span: tracing::Span,
-        message: ServerMessage,
+        answer: KeptAnswer,
         result_bytes: Option<usize>,
         failure_code: Option<&'static str>,
-        ctx: &mut Context<Self>,
     ) -> EventKind {
         let mut attributes = vec![KeyValue::new(attr::TOOL_NAME, tool.clone())];
         match failure_code {
@@ -1654,8 +1686,8 @@ impl RunActor {
         let duration_ms = took.as_millis() as u64;
         let ok = failure_code.is_none();
         tracing::debug!(run_id = %self.id, trace_id = %self.record.trace_id, call_id, tool, ok, duration_ms, "tool call finished");
-        self.remember_answer(call_id.clone(), message);
-        self.agent_activity(ctx);
+        self.remember_answer(call_id.clone(), answer);
+        self.agent_activity();
         self.recorded_results.insert(call_id.clone());
         EventKind::ToolResult {
             call_id,
@@ -1666,14 +1698,14 @@ impl RunActor {
         }
     }
 
-    fn remember_answer(&mut self, call_id: String, message: ServerMessage) {
+    fn remember_answer(&mut self, call_id: String, answer: KeptAnswer) {
         if self.answered_order.len() >= ANSWERED_CAPACITY {
             if let Some(old) = self.answered_order.pop_front() {
                 self.answered.remove(&old);
             }
         }
         self.answered_order.push_back(call_id.clone());
-        self.answered.insert(call_id, message);
+        self.answered.insert(call_id, answer);
     }
 }
 
@@ -2082,7 +2114,7 @@ impl Handler<ShimHello> for RunActor {
         self.send(welcome);
         for call_id in &msg.pending_calls {
             if let Some(answer) = self.answered.get(call_id) {
-                self.send(answer.clone());
+                self.deliver(answer.to_shim());
             } else if let Some(tool) = self
                 .seen_calls
                 .get(call_id)

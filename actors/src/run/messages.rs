@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use actix::prelude::*;
-use agent_shim::protocol::{AnsweredCall, ServerMessage, ShimMessage};
+use agent_shim::protocol::{AnsweredCall, ShimMessage};
+use bytestring::ByteString;
 
 use crate::metrics::{QueueCounter, QueuedMessage};
 use crate::sandbox_connection::messages::ToShim;
@@ -69,8 +70,8 @@ pub struct ShimFrames(pub Vec<ShimFrame>);
 
 /// A tool call's answer sent by the connection that received the call.
 pub struct AnsweredHere {
-    /// The `tool_result` sent.
-    pub message: ServerMessage,
+    /// The `tool_result` frame sent.
+    pub frame: ByteString,
     /// Bytes of the result's JSON text.
     pub result_bytes: usize,
     pub took: Duration,

@@ -2,11 +2,17 @@
 
 use actix::prelude::*;
 use agent_shim::protocol::ServerMessage;
+use bytestring::ByteString;
 
 /// Send a frame to the shim, or close the connection.
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
 pub enum ToShim {
     Frame(ServerMessage),
-    Close { code: u16, reason: String },
+    /// A frame already encoded (an answer the connection sent before, sent again).
+    Text(ByteString),
+    Close {
+        code: u16,
+        reason: String,
+    },
 }

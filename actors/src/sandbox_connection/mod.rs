@@ -410,13 +410,10 @@ impl SandboxConnection {
             }
             (Stage::Attached { .. }, ShimMessage::Heartbeat { .. }) => {}
             (Stage::Attached { .. }, message) => {
-                let answered = match self.answer_now(&message) {
-                    Some((frame, answered)) => {
-                        self.queue(Outbound::Text(frame.into()), ctx);
-                        Some(answered)
-                    }
-                    None => None,
-                };
+                let answered = self.answer_now(&message);
+                if let Some(answered) = &answered {
+                    self.queue(Outbound::Text(answered.frame.clone()), ctx);
+                }
                 let Stage::Attached {
                     mailbox, to_run, ..
                 } = &self.stage
@@ -442,9 +439,9 @@ impl SandboxConnection {
 impl SandboxConnection {
     /// Answers a tool call on receipt when the gate lets it through and the tools can answer
     /// without waiting (`ToolHost::call_now`): the agent's answer then skips the trip through
-    /// the run actor, which records the call and its answer afterwards. Returns the answer's
-    /// frame, written around the result's JSON text as the tools gave it.
-    fn answer_now(&mut self, message: &ShimMessage) -> Option<(String, Box<AnsweredHere>)> {
+    /// the run actor, which records the call and its answer afterwards. The answer's frame is
+    /// written around the result's JSON text as the tools gave it.
+    fn answer_now(&mut self, message: &ShimMessage) -> Option<Box<AnsweredHere>> {
         let Stage::Attached {
             run_id, gate, span, ..
         } = &mut self.stage
@@ -466,22 +463,16 @@ impl SandboxConnection {
         let started = Instant::now();
         let ready = self.deps.run_deps.tools.call_now(*run_id, tool, args)?;
         let took = started.elapsed();
-        let frame = tool_result_frame(call_id, &ready.json)?;
+        let frame = ByteString::from(tool_result_frame(call_id, &ready.json)?);
         // Opened once there is an answer, so a call left to the run actor has one span only;
         // it starts the few microseconds of the read late (the metric has the exact time).
         let call_span = tool_call_span(span, tool, call_id, args);
-        let answered = AnsweredHere {
-            message: ServerMessage::ToolResult {
-                call_id: call_id.clone(),
-                ok: true,
-                result: Some(ready.value),
-                error: None,
-            },
+        Some(Box::new(AnsweredHere {
+            frame,
             result_bytes: ready.json.len(),
             took,
             span: call_span,
-        };
-        Some((frame, Box::new(answered)))
+        }))
     }
 }
 
@@ -588,6 +579,7 @@ impl Handler<ToShim> for SandboxConnection {
         match msg {
             ToShim::Frame(ServerMessage::Ack { seq }) => self.defer_ack(seq, ctx),
             ToShim::Frame(frame) => self.send(&frame, ctx),
+            ToShim::Text(text) => self.queue(Outbound::Text(text), ctx),
             ToShim::Close { code, reason } => self.close(code, reason, ctx),
         }
     }
@@ -909,7 +901,7 @@ mod tests {
             unreachable!()
         };
         frame.answered = Some(Box::new(AnsweredHere {
-            message: ServerMessage::Ack { seq },
+            frame: ByteString::from_static("{}"),
             result_bytes: 0,
             took: Duration::ZERO,
             span: tracing::Span::none(),

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::{
@@ -27,6 +27,7 @@ use rustix::fs::{
 use rustix::io::{preadv2, ReadWriteFlags};
 
 use actors::tools::ReadyResult;
+use serde_json::Value;
 
 use super::fs::file_content;
 use super::ToolLimits;
@@ -69,9 +70,9 @@ impl RootDir {
 }
 
 /// The result of `fs.read_file` for `raw`, if it can be had without waiting.
-pub(crate) fn read_file(root: &RootDir, limits: &ToolLimits, raw: &str) -> Option<ReadyResult> {
-    if let Some(ready) = root.cache.get(root.fd(), raw) {
-        return Some(ready);
+pub(crate) fn read_file(root: &RootDir, limits: &ToolLimits, raw: &str) -> Option<Read> {
+    if let Some(read) = root.cache.get(root.fd(), raw) {
+        return Some(read);
     }
     let file = openat2(
         root.fd(),
@@ -103,12 +104,24 @@ pub(crate) fn read_file(root: &RootDir, limits: &ToolLimits, raw: &str) -> Optio
         return None;
     }
     bytes.truncate(read);
-    let ready = ReadyResult::new(file_content(bytes).ok()?).ok()?;
+    let value = file_content(bytes).ok()?;
+    let result = Read {
+        ready: ReadyResult::new(&value).ok()?,
+        value: Arc::new(value),
+    };
     let id = FileId::of(&stat);
     if id.dev == root.dev && id.settled(SystemTime::now()) {
-        root.cache.put(raw, id, &ready, read + ready.json.len());
+        root.cache
+            .put(raw, id, &result, read + result.ready.json.len());
     }
-    Some(ready)
+    Some(result)
+}
+
+/// An `fs.read_file` result, and its JSON text; both shared with the cache.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Read {
+    pub(crate) value: Arc<Value>,
+    pub(crate) ready: ReadyResult,
 }
 
 /// What tells a file's content unchanged: the same inode on the same device, of the same type,
@@ -187,7 +200,7 @@ struct Files {
 #[derive(Debug)]
 struct Kept {
     id: FileId,
-    ready: ReadyResult,
+    read: Read,
     bytes: usize,
 }
 
@@ -210,7 +223,7 @@ impl ReadCache {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn get(&self, root: BorrowedFd<'_>, raw: &str) -> Option<ReadyResult> {
+    fn get(&self, root: BorrowedFd<'_>, raw: &str) -> Option<Read> {
         if !self.files().by_path.contains_key(raw) {
             return None;
         }
@@ -221,13 +234,13 @@ impl ReadCache {
         let kept = files.by_path.get(raw)?;
         if now == Some(kept.id) {
             self.hits.fetch_add(1, Ordering::Relaxed);
-            return Some(kept.ready.clone());
+            return Some(kept.read.clone());
         }
         files.remove(raw);
         None
     }
 
-    fn put(&self, raw: &str, id: FileId, ready: &ReadyResult, bytes: usize) {
+    fn put(&self, raw: &str, id: FileId, read: &Read, bytes: usize) {
         // One file takes a quarter of the budget at most.
         if bytes > self.budget / 4 {
             return;
@@ -245,7 +258,7 @@ impl ReadCache {
             raw.to_owned(),
             Kept {
                 id,
-                ready: ready.clone(),
+                read: read.clone(),
                 bytes,
             },
         );
@@ -263,7 +276,7 @@ impl Files {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::{json, Value};
+    use serde_json::json;
 
     struct Fixture {
         _dir: tempfile::TempDir,
@@ -298,7 +311,7 @@ mod tests {
             // First the blocking path: following a symlink for the first time updates its
             // access time, which `RESOLVE_CACHED` leaves to a path that may wait.
             let slow = super::super::fs::read_file(&f.root, &limits, path).unwrap();
-            let fast = read_file(&f.fd, &limits, path).map(|ready| ready.value);
+            let fast = read_file(&f.fd, &limits, path).map(|read| Value::clone(&read.value));
             assert_eq!(fast, Some(json!({ "content": "hello" })), "{path}");
             assert_eq!(fast, Some(slow), "{path}");
         }
@@ -336,13 +349,13 @@ mod tests {
     }
 
     fn read(f: &Fixture, path: &str) -> Option<Value> {
-        let ready = read_file(&f.fd, &ToolLimits::default(), path)?;
+        let read = read_file(&f.fd, &ToolLimits::default(), path)?;
         assert_eq!(
-            *ready.json,
-            serde_json::to_string(&ready.value).unwrap(),
+            *read.ready.json,
+            serde_json::to_string(&*read.value).unwrap(),
             "the JSON text is the value's"
         );
-        Some(ready.value)
+        Some(Value::clone(&read.value))
     }
 
     #[test]

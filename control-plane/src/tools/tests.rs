@@ -514,10 +514,9 @@ async fn symlinks_inside_the_workspace_work() {
 async fn call_now_answers_what_call_answers_or_leaves_the_call() {
     let f = fixture();
     let now = |tool: &str, args: Value| {
-        f.tools.call_now(Uuid::nil(), tool, &args).map(|ready| {
-            assert_eq!(*ready.json, ready.value.to_string(), "{args}");
-            ready.value
-        })
+        f.tools
+            .call_now(Uuid::nil(), tool, &args)
+            .map(|ready| serde_json::from_str::<Value>(&ready.json).unwrap())
     };
     // Warm the page cache so the read cannot wait.
     f.ok(READ_FILE, json!({"path": "README.md"})).await;
