@@ -524,8 +524,8 @@ pub struct RunActor {
     agent_started: bool,
     /// Tool calls in flight.
     in_flight: HashMap<String, InFlight>,
-    answered: HashMap<String, KeptAnswer>,
-    answered_order: VecDeque<String>,
+    /// The latest answers, oldest first (looked up only when a shim reconnects).
+    answered: VecDeque<(String, KeptAnswer)>,
     /// Call ids already executed, so a resent call is not executed twice.
     seen_calls: HashMap<String, String>,
     /// Calls the shim already has answers to (from a replica that stopped before recording
@@ -632,8 +632,7 @@ impl RunActor {
                 last_seq: 0,
                 agent_started: false,
                 in_flight: HashMap::new(),
-                answered: HashMap::new(),
-                answered_order: VecDeque::new(),
+                answered: VecDeque::new(),
                 seen_calls: HashMap::new(),
                 answered_elsewhere: HashMap::new(),
                 recorded_results: HashSet::new(),
@@ -1668,17 +1667,22 @@ impl RunActor {
         failure_code: Option<&'static str>,
     ) -> EventKind {
         let mut attributes = vec![KeyValue::new(attr::TOOL_NAME, tool.clone())];
-        match failure_code {
-            None => {
-                span.record("outcome", "ok");
-                if let Some(bytes) = result_bytes {
-                    span.record("tool.result_bytes", bytes);
+        if let Some(code) = failure_code {
+            attributes.push(KeyValue::new(attr::ERROR_TYPE, code));
+        }
+        // A span nobody records (no subscriber) would still turn every field into a log record.
+        if !span.is_disabled() {
+            match failure_code {
+                None => {
+                    span.record("outcome", "ok");
+                    if let Some(bytes) = result_bytes {
+                        span.record("tool.result_bytes", bytes);
+                    }
                 }
-            }
-            Some(code) => {
-                attributes.push(KeyValue::new(attr::ERROR_TYPE, code));
-                span.record("outcome", code);
-                span.record("otel.status_code", "ERROR");
+                Some(code) => {
+                    span.record("outcome", code);
+                    span.record("otel.status_code", "ERROR");
+                }
             }
         }
         drop(span);
@@ -1699,13 +1703,18 @@ impl RunActor {
     }
 
     fn remember_answer(&mut self, call_id: String, answer: KeptAnswer) {
-        if self.answered_order.len() >= ANSWERED_CAPACITY {
-            if let Some(old) = self.answered_order.pop_front() {
-                self.answered.remove(&old);
-            }
+        if self.answered.len() >= ANSWERED_CAPACITY {
+            self.answered.pop_front();
         }
-        self.answered_order.push_back(call_id.clone());
-        self.answered.insert(call_id, answer);
+        self.answered.push_back((call_id, answer));
+    }
+
+    /// The latest answer kept for a call.
+    fn kept_answer(&self, call_id: &str) -> Option<&KeptAnswer> {
+        self.answered
+            .iter()
+            .rev()
+            .find_map(|(id, answer)| (id == call_id).then_some(answer))
     }
 }
 
@@ -2113,7 +2122,7 @@ impl Handler<ShimHello> for RunActor {
         // Welcome first, then answers the shim missed while away.
         self.send(welcome);
         for call_id in &msg.pending_calls {
-            if let Some(answer) = self.answered.get(call_id) {
+            if let Some(answer) = self.kept_answer(call_id) {
                 self.deliver(answer.to_shim());
             } else if let Some(tool) = self
                 .seen_calls

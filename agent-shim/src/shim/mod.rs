@@ -586,7 +586,14 @@ impl Shim {
         let Some(ws) = self.ws.as_mut() else {
             return false;
         };
-        match timeout(SEND_TIMEOUT, ws.send(frame)).await {
+        // Nearly always the socket takes the frame at once; only a send that has to wait gets a
+        // deadline (and its clock reading and timer).
+        let mut send = ws.send(frame);
+        let sent = match (&mut send).now_or_never() {
+            Some(result) => Ok(result),
+            None => timeout(SEND_TIMEOUT, send).await,
+        };
+        match sent {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {
                 self.disconnected(&format!("send failed: {e}"));
