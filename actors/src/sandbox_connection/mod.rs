@@ -645,11 +645,14 @@ async fn hand_to_run(
 }
 
 /// How long a frame the connection answered may wait for others to go to the run actor with.
-/// Each burst wakes the run actor's thread; on a machine with one CPU to spare that wake also
-/// reorders who runs next for the calls around it, so bursts 1 ms apart slowed nearly half of all
-/// calls of a busy agent by 5–25 µs, bursts 5 ms apart hardly any (`load-tests toolcall`).
-pub const HOLD: Duration = Duration::from_millis(5);
-/// How many such frames may wait (at tens of µs a call, more than come in [`HOLD`]).
+/// Each burst wakes the run actor's thread, and with one CPU to spare that wake slows the calls
+/// around it far beyond the burst's own work: bursts 1 ms apart slowed nearly half of all calls
+/// of a busy agent by 5–25 µs, bursts 5 ms apart still a tenth of the runs' p50s; 14 ms apart
+/// (a busy agent's [`HOLD_MAX`] calls) none (`load-tests toolcall`, one vCPU). The run's history
+/// and the shim's acks lag by as much; followers of a run do not notice 20 ms.
+pub const HOLD: Duration = Duration::from_millis(20);
+/// How many such frames may wait: bounds the run actor's work per burst (about 1.5 ms at 3 µs
+/// a frame), which other runs on its thread wait out.
 pub const HOLD_MAX: usize = 512;
 
 /// The frames [`hand_to_run`] holds, and where they go.
