@@ -326,7 +326,7 @@ async fn shim_spec(api: &Api, id: &str) -> anyhow::Result<ShimSpec> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let pid = record.sandbox_id.context("sandbox id")?;
-    let env = sim_shim::environ(&pid)?;
+    let env = sim_shim::sandbox_environ(&pid, deadline).await?;
     let token = env
         .get(protocol::env::RUN_TOKEN)
         .context("no run token in the sandbox environment")?;

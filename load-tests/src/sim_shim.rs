@@ -40,8 +40,24 @@ pub struct SimFigures {
     pub result_frame_bytes: usize,
 }
 
+/// Environment of a sandbox process once it holds the run token. Read from `/proc`, which shows
+/// an empty environment while the process is between two programs (the sleeping shim is a script
+/// that `exec`s `sleep`), so an environment without the token is read again until `deadline`.
+pub(crate) async fn sandbox_environ(
+    pid: &str,
+    deadline: Instant,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    loop {
+        let env = environ(pid)?;
+        if env.contains_key(protocol::env::RUN_TOKEN) || Instant::now() >= deadline {
+            return Ok(env);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Environment of a process, read from `/proc`.
-pub(crate) fn environ(pid: &str) -> anyhow::Result<BTreeMap<String, String>> {
+fn environ(pid: &str) -> anyhow::Result<BTreeMap<String, String>> {
     let raw = std::fs::read(format!("/proc/{pid}/environ"))
         .with_context(|| format!("environment of sandbox process {pid}"))?;
     Ok(raw
@@ -81,7 +97,7 @@ pub async fn measure(
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let pid = record.sandbox_id.clone().context("sandbox id")?;
-    let env = environ(&pid)?;
+    let env = sandbox_environ(&pid, deadline).await?;
     let token = env
         .get(protocol::env::RUN_TOKEN)
         .context("no run token in the sandbox environment")?;
