@@ -39,31 +39,27 @@ while :; do sleep 0.1; done
 "#;
 
 async fn start(script: &str) -> (FakeControlPlane, ShimProcess, ServerConn) {
+    start_welcomed(script, |welcome| welcome).await
+}
+
+/// As `start`, with the welcome changed by `welcome`.
+async fn start_welcomed(
+    script: &str,
+    welcome: impl FnOnce(WelcomeBuilder) -> WelcomeBuilder,
+) -> (FakeControlPlane, ShimProcess, ServerConn) {
     let mut cp = FakeControlPlane::start(bundle_with_script(script)).await;
     let shim = ShimProcess::spawn(&cp);
     let mut conn = cp.accept().await;
     let (resume_from, pending) = conn.recv_hello().await;
     assert_eq!(resume_from, None);
     assert!(pending.is_empty());
-    conn.send(&WelcomeBuilder::new(cp.bundle_info()).build())
+    conn.send(&welcome(WelcomeBuilder::new(cp.bundle_info())).build())
         .await;
     (cp, shim, conn)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_spans_are_sent_when_the_control_plane_exports_none() {
-    let mut cp = FakeControlPlane::start(bundle_with_script(AGENT_OK)).await;
-    let mut shim = ShimProcess::spawn(&cp);
-    let mut conn = cp.accept().await;
-    conn.recv_hello().await;
-    conn.send(
-        &WelcomeBuilder::new(cp.bundle_info())
-            .without_spans()
-            .build(),
-    )
-    .await;
-    let mut ledger = Ledger::default();
-    serve_until_exited(&mut conn, &mut ledger).await;
+/// The shim closes the connection normally and exits 0.
+async fn expect_clean_exit(conn: &mut ServerConn, shim: &mut ShimProcess) {
     assert_eq!(conn.expect_close().await, Some(1000));
     assert_eq!(
         shim.wait(STEP).await.code(),
@@ -71,6 +67,14 @@ async fn no_spans_are_sent_when_the_control_plane_exports_none() {
         "stderr:\n{}",
         shim.stderr()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_spans_are_sent_when_the_control_plane_exports_none() {
+    let (_cp, mut shim, mut conn) = start_welcomed(AGENT_OK, WelcomeBuilder::without_spans).await;
+    let mut ledger = Ledger::default();
+    serve_until_exited(&mut conn, &mut ledger).await;
+    expect_clean_exit(&mut conn, &mut shim).await;
     assert!(
         ledger
             .messages
@@ -277,13 +281,7 @@ printf '{"type":"done","result":null}\n'
         .await;
     conn.send(&tool_result("c1")).await;
     serve_until_exited(&mut conn, &mut ledger).await;
-    assert_eq!(conn.expect_close().await, Some(1000));
-    assert_eq!(
-        shim.wait(STEP).await.code(),
-        Some(0),
-        "stderr:\n{}",
-        shim.stderr()
-    );
+    expect_clean_exit(&mut conn, &mut shim).await;
 
     ledger.assert_contiguous();
     let expected_dups: Vec<u64> = (3..=highest_before).collect();
