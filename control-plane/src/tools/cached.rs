@@ -12,13 +12,13 @@
 //!
 //! A file read this way is kept ([`ReadCache`]) and read again from memory while `statx` of
 //! its path (one call) finds the very same file unchanged; see [`FileId`] for what that means.
-//! It is kept with the result's JSON text, so the answer to a kept file is not encoded again.
+//! It is kept as the result's JSON text, so the answer to a kept file is not encoded again.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::{
@@ -27,7 +27,6 @@ use rustix::fs::{
 use rustix::io::{preadv2, ReadWriteFlags};
 
 use actors::tools::ReadyResult;
-use serde_json::Value;
 
 use super::fs::file_content;
 use super::ToolLimits;
@@ -70,9 +69,9 @@ impl RootDir {
 }
 
 /// The result of `fs.read_file` for `raw`, if it can be had without waiting.
-pub(crate) fn read_file(root: &RootDir, limits: &ToolLimits, raw: &str) -> Option<Read> {
-    if let Some(read) = root.cache.get(root.fd(), raw) {
-        return Some(read);
+pub(crate) fn read_file(root: &RootDir, limits: &ToolLimits, raw: &str) -> Option<ReadyResult> {
+    if let Some(ready) = root.cache.get(root.fd(), raw) {
+        return Some(ready);
     }
     let file = openat2(
         root.fd(),
@@ -104,24 +103,12 @@ pub(crate) fn read_file(root: &RootDir, limits: &ToolLimits, raw: &str) -> Optio
         return None;
     }
     bytes.truncate(read);
-    let value = file_content(bytes).ok()?;
-    let result = Read {
-        ready: ReadyResult::new(&value).ok()?,
-        value: Arc::new(value),
-    };
+    let ready = ReadyResult::new(&file_content(bytes).ok()?).ok()?;
     let id = FileId::of(&stat);
     if id.dev == root.dev && id.settled(SystemTime::now()) {
-        root.cache
-            .put(raw, id, &result, read + result.ready.json.len());
+        root.cache.put(raw, id, &ready);
     }
-    Some(result)
-}
-
-/// An `fs.read_file` result, and its JSON text; both shared with the cache.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Read {
-    pub(crate) value: Arc<Value>,
-    pub(crate) ready: ReadyResult,
+    Some(ready)
 }
 
 /// What tells a file's content unchanged: the same inode on the same device, of the same type,
@@ -186,7 +173,7 @@ impl FileId {
 #[derive(Debug)]
 struct ReadCache {
     files: Mutex<Files>,
-    /// Most bytes kept: content, and the result's JSON text.
+    /// Most bytes of JSON text kept.
     budget: usize,
     hits: AtomicU64,
 }
@@ -200,11 +187,10 @@ struct Files {
 #[derive(Debug)]
 struct Kept {
     id: FileId,
-    read: Read,
-    bytes: usize,
+    ready: ReadyResult,
 }
 
-/// Bytes kept per workspace (content and JSON text).
+/// Bytes of results' JSON text kept per workspace.
 const CACHE_BYTES: usize = 8 * 1024 * 1024;
 
 impl ReadCache {
@@ -223,7 +209,7 @@ impl ReadCache {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn get(&self, root: BorrowedFd<'_>, raw: &str) -> Option<Read> {
+    fn get(&self, root: BorrowedFd<'_>, raw: &str) -> Option<ReadyResult> {
         if !self.files().by_path.contains_key(raw) {
             return None;
         }
@@ -234,13 +220,14 @@ impl ReadCache {
         let kept = files.by_path.get(raw)?;
         if now == Some(kept.id) {
             self.hits.fetch_add(1, Ordering::Relaxed);
-            return Some(kept.read.clone());
+            return Some(kept.ready.clone());
         }
         files.remove(raw);
         None
     }
 
-    fn put(&self, raw: &str, id: FileId, read: &Read, bytes: usize) {
+    fn put(&self, raw: &str, id: FileId, ready: &ReadyResult) {
+        let bytes = ready.json.len();
         // One file takes a quarter of the budget at most.
         if bytes > self.budget / 4 {
             return;
@@ -258,8 +245,7 @@ impl ReadCache {
             raw.to_owned(),
             Kept {
                 id,
-                read: read.clone(),
-                bytes,
+                ready: ready.clone(),
             },
         );
     }
@@ -268,7 +254,7 @@ impl ReadCache {
 impl Files {
     fn remove(&mut self, raw: &str) {
         if let Some(kept) = self.by_path.remove(raw) {
-            self.bytes -= kept.bytes;
+            self.bytes -= kept.ready.json.len();
         }
     }
 }
@@ -276,7 +262,7 @@ impl Files {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     struct Fixture {
         _dir: tempfile::TempDir,
@@ -311,7 +297,7 @@ mod tests {
             // First the blocking path: following a symlink for the first time updates its
             // access time, which `RESOLVE_CACHED` leaves to a path that may wait.
             let slow = super::super::fs::read_file(&f.root, &limits, path).unwrap();
-            let fast = read_file(&f.fd, &limits, path).map(|read| Value::clone(&read.value));
+            let fast = read_file(&f.fd, &limits, path).map(|ready| parsed(&ready));
             assert_eq!(fast, Some(json!({ "content": "hello" })), "{path}");
             assert_eq!(fast, Some(slow), "{path}");
         }
@@ -348,14 +334,12 @@ mod tests {
         std::thread::sleep(SETTLED_AFTER + Duration::from_millis(20));
     }
 
+    fn parsed(ready: &ReadyResult) -> Value {
+        serde_json::from_str(&ready.json).unwrap()
+    }
+
     fn read(f: &Fixture, path: &str) -> Option<Value> {
-        let read = read_file(&f.fd, &ToolLimits::default(), path)?;
-        assert_eq!(
-            *read.ready.json,
-            serde_json::to_string(&*read.value).unwrap(),
-            "the JSON text is the value's"
-        );
-        Some(Value::clone(&read.value))
+        read_file(&f.fd, &ToolLimits::default(), path).map(|ready| parsed(&ready))
     }
 
     #[test]
@@ -420,21 +404,24 @@ mod tests {
         let budget = 4096;
         f.fd.cache = ReadCache::new(budget);
         let limits = ToolLimits::default();
-        // Kept with its JSON text: a little over twice the content.
-        let size = budget / 10;
+        let size = budget / 5;
         for n in 0..8 {
             std::fs::write(f.root.join(format!("f{n}")), vec![b'a' + n; size]).unwrap();
         }
-        std::fs::write(f.root.join("huge"), vec![b'h'; budget / 8 + 1]).unwrap();
+        std::fs::write(f.root.join("huge"), vec![b'h'; budget / 4 + 1]).unwrap();
         settle();
         for n in 0..8u8 {
-            let value = read_file(&f.fd, &limits, &format!("f{n}")).unwrap().value;
+            let value = parsed(&read_file(&f.fd, &limits, &format!("f{n}")).unwrap());
             assert_eq!(value["content"].as_str().unwrap().len(), size);
             let files = f.fd.cache.files();
             assert!(files.bytes <= budget, "{}", files.bytes);
             assert_eq!(
                 files.bytes,
-                files.by_path.values().map(|k| k.bytes).sum::<usize>()
+                files
+                    .by_path
+                    .values()
+                    .map(|k| k.ready.json.len())
+                    .sum::<usize>()
             );
             assert!(files.by_path.contains_key(&format!("f{n}")));
         }

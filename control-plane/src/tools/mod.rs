@@ -136,31 +136,17 @@ impl WorkspaceTools {
     }
 }
 
-impl WorkspaceTools {
-    /// A read that needs no waiting ([`cached::read_file`]). Only a well-formed `fs.read_file`
-    /// (one non-empty string `path`); anything else, errors included, takes `call`, which words
-    /// them.
-    fn read_now(&self, tool: &str, args: &Value) -> Option<cached::Read> {
-        if tool != READ_FILE {
-            return None;
-        }
-        let fields = args.as_object().filter(|fields| fields.len() == 1)?;
-        let path = fields
-            .get("path")?
-            .as_str()
-            .filter(|path| !path.is_empty())?;
-        cached::read_file(self.inner.root_dir.as_ref()?, &self.inner.limits, path)
-    }
-}
-
 #[async_trait]
 impl ToolHost for WorkspaceTools {
     async fn call(&self, run_id: RunId, tool: &str, args: Value) -> Result<Value, ToolFailure> {
         tracing::debug!(run_id = %run_id, tool, "tool call");
         match tool {
             READ_FILE => {
-                if let Some(read) = self.read_now(READ_FILE, &args) {
-                    return Ok(std::sync::Arc::unwrap_or_clone(read.value));
+                // The kept text read back; should that fail, the read below words why.
+                let ready = self.call_now(run_id, READ_FILE, &args);
+                if let Some(value) = ready.and_then(|ready| serde_json::from_str(&ready.json).ok())
+                {
+                    return Ok(value);
                 }
                 let mut args = Args::new(READ_FILE, args, &["path"])?;
                 let path = non_empty_path(&mut args)?;
@@ -202,7 +188,17 @@ impl ToolHost for WorkspaceTools {
     }
 
     fn call_now(&self, _run_id: RunId, tool: &str, args: &Value) -> Option<ReadyResult> {
-        self.read_now(tool, args).map(|read| read.ready)
+        // Only a well-formed `fs.read_file` (one non-empty string `path`); anything else, errors
+        // included, takes `call`, which words them.
+        if tool != READ_FILE {
+            return None;
+        }
+        let fields = args.as_object().filter(|fields| fields.len() == 1)?;
+        let path = fields
+            .get("path")?
+            .as_str()
+            .filter(|path| !path.is_empty())?;
+        cached::read_file(self.inner.root_dir.as_ref()?, &self.inner.limits, path)
     }
 
     fn tools(&self) -> Vec<&'static str> {
